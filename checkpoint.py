@@ -1,0 +1,103 @@
+"""Checkpoints that any Hugging Face user can load, and that resume a run exactly.
+
+    OUT/checkpoint-STEP/   model + processor (save_pretrained, safetensors),
+                           training_state.pt (optimizer, scheduler, scaler, RNG, position in the data),
+                           trainer_state.json (step, epoch, metrics: for people, not for resume)
+    OUT/best/              model + processor of the best evaluation so far
+
+Every folder is written under a temporary name and renamed into place when complete, so a crash
+mid-write never leaves a folder that looks finished. training_state.pt holds only tensors and plain
+Python values and loads with torch.load(weights_only=True).
+"""
+import json
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+
+STATE_FILE = "training_state.pt"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def write_atomically(final_dir, write):
+    """Call write(tmp_dir), then rename tmp_dir to final_dir (replacing an older one)."""
+    tmp = f"{final_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    if os.path.exists(final_dir):
+        old = f"{final_dir}.old-{os.getpid()}"
+        os.rename(final_dir, old)
+        os.rename(tmp, final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final_dir)
+
+
+def save_model(out_dir, model, processor):
+    write_atomically(out_dir, lambda d: (model.save_pretrained(d), processor.save_pretrained(d)))
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(output_dir, step, model, processor, training_state, summary):
+    path = os.path.join(output_dir, f"checkpoint-{step}")
+
+    def write(d):
+        model.save_pretrained(d)
+        processor.save_pretrained(d)
+        torch.save(training_state, os.path.join(d, STATE_FILE))
+        with open(os.path.join(d, "trainer_state.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+
+    write_atomically(path, write)
+    return path
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints, oldest first, as (step, path)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        m = _CHECKPOINT.match(name)
+        path = os.path.join(output_dir, name)
+        if m and os.path.isfile(os.path.join(path, STATE_FILE)):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def rotate_checkpoints(output_dir, limit, keep_step=None):
+    """Delete all but the newest `limit` checkpoints; never the one at keep_step (the best)."""
+    if limit is None or limit <= 0:
+        return
+    checkpoints = list_checkpoints(output_dir)
+    newest = {step for step, _ in checkpoints[-limit:]}
+    for step, path in checkpoints:
+        if step not in newest and step != keep_step:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load_training_state(path):
+    return torch.load(os.path.join(path, STATE_FILE), weights_only=True)

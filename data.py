@@ -1,0 +1,301 @@
+"""Turn a captioning source into batches for GIT.
+
+Sources (--dataset): a Hub dataset id, a local imagefolder (images + metadata.jsonl/csv), a folder
+written by Dataset.save_to_disk, or `synthetic`: drawn scenes with compositional captions,
+generated on the fly and deterministic by seed. Every source becomes a `datasets` table with an
+image column and a caption column (a string, or a list of strings for several references).
+
+Images are decoded here (not by `datasets`) so that every mode becomes RGB the same way and a bad
+file is reported by name. The image processor runs once per image; epochs reuse the tensors.
+
+    python data.py synthetic --size 500 --out scenes/   # write the synthetic set as an imagefolder
+"""
+import argparse
+import functools
+import io
+import json
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps
+
+SYNTHETIC = "synthetic"
+EVAL_SPLIT_NAMES = ("validation", "valid", "val", "test")
+
+
+class DataError(Exception):
+    """Bad data a user can fix; the message names the file, row or column."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+def to_rgb(img):
+    """Any PIL image -> RGB, upright (EXIF orientation applied), transparency over white."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16/32-bit greyscale: a plain convert("L") clips everything above 255 to white.
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def open_image(source):
+    """A path, bytes, or an already decoded PIL image -> RGB PIL image. Raises DataError."""
+    name = source if isinstance(source, str) else "image"
+    try:
+        if isinstance(source, Image.Image):
+            return to_rgb(source)
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            img.load()
+            return to_rgb(img)
+    except FileNotFoundError:
+        raise DataError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{name}: is a folder, not an image") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{name}: refused, too many pixels ({e})") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{name}: not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The synthetic dataset
+
+COLORS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220),
+          "yellow": (235, 200, 0), "purple": (140, 40, 170), "orange": (245, 130, 0)}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 0.10, "large": 0.17}  # radius as a fraction of the image side
+PLACES = {(0, 0): "at the top left", (0, 1): "at the top", (0, 2): "at the top right",
+          (1, 0): "on the left", (1, 1): "in the center", (1, 2): "on the right",
+          (2, 0): "at the bottom left", (2, 1): "at the bottom", (2, 2): "at the bottom right"}
+
+
+def synthetic_scene(seed, index, size=128):
+    """One drawn scene and its caption; the same (seed, index) always gives the same pair."""
+    rng = random.Random(seed * 1_000_003 + index)
+    tint = [rng.randint(225, 255) for _ in range(3)]
+    img = Image.new("RGB", (size, size), tuple(tint))
+    draw = ImageDraw.Draw(img)
+    cells = rng.sample(sorted(PLACES), rng.randint(1, 2))
+    phrases = []
+    for row, col in sorted(cells):  # caption objects in reading order, so the caption is unique
+        color, shape, size_name = rng.choice(sorted(COLORS)), rng.choice(SHAPES), rng.choice(sorted(SIZES))
+        r = SIZES[size_name] * size
+        cx = (col + 0.5) * size / 3 + rng.uniform(-0.04, 0.04) * size
+        cy = (row + 0.5) * size / 3 + rng.uniform(-0.04, 0.04) * size
+        if shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLORS[color])
+        elif shape == "square":
+            s = r * 0.85
+            draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=COLORS[color])
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=COLORS[color])
+        phrases.append(f"a {size_name} {color} {shape} {PLACES[(row, col)]}")
+    return img, " and ".join(phrases)
+
+
+def synthetic_dataset(n, seed=0):
+    import datasets
+
+    scenes = [synthetic_scene(seed, i) for i in range(n)]
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    return datasets.Dataset.from_dict({"image": [s[0] for s in scenes], "text": [s[1] for s in scenes]},
+                                      features=features)
+
+
+def write_imagefolder(ds, out_dir, image_column="image", text_column="text"):
+    """Write a table as an HF imagefolder: PNG files plus metadata.jsonl with file_name and captions."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "metadata.jsonl"), "w") as f:
+        for i, row in enumerate(ds):
+            name = f"{i:06d}.png"
+            row[image_column].save(os.path.join(out_dir, name))
+            f.write(json.dumps({"file_name": name, text_column: row[text_column]}) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources -> (train table, eval table)
+
+def load_source(name, seed=0, synthetic_size=1000):
+    """A DatasetDict or Dataset for --dataset. Raises DataError with a one-line reason."""
+    import datasets
+
+    if name == SYNTHETIC:
+        return synthetic_dataset(synthetic_size, seed)
+    if os.path.isdir(name):
+        if any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
+            return datasets.load_from_disk(name)
+        if any(os.path.isfile(os.path.join(name, f)) for f in ("metadata.jsonl", "metadata.csv")):
+            return datasets.load_dataset("imagefolder", data_dir=name)
+        raise DataError(f"dataset folder {name!r} has neither metadata.jsonl/metadata.csv (imagefolder) "
+                        f"nor dataset_dict.json/state.json (save_to_disk)")
+    if os.path.sep in name and not os.path.exists(name) or name.startswith("."):
+        raise DataError(f"dataset folder {name!r} does not exist")
+    try:
+        return datasets.load_dataset(name)
+    except Exception as e:  # the Hub client raises many kinds; all mean the same thing to a user
+        raise DataError(f"could not load dataset {name!r} from the Hugging Face Hub "
+                        f"({type(e).__name__}: offline or no such dataset); pass a local folder with "
+                        f"--dataset, or --dataset synthetic to run offline") from None
+
+
+def split_source(source, test_size, seed):
+    """Use the source's own eval split when it has one, else split train as the recipe does."""
+    import datasets
+
+    if isinstance(source, datasets.DatasetDict):
+        eval_name = next((n for n in EVAL_SPLIT_NAMES if n in source), None)
+        train_name = "train" if "train" in source else next(iter(source))
+        if eval_name is not None and eval_name != train_name:
+            return source[train_name], source[eval_name]
+        source = source[train_name]
+    parts = source.train_test_split(test_size=test_size, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def read_rows(ds, image_column, text_column, what):
+    """Decode every image to RGB and every caption to a list of strings; errors name the row."""
+    import datasets
+
+    for col in (image_column, text_column):
+        if col not in ds.column_names:
+            flag = "--image-column" if col == image_column else "--text-column"
+            raise DataError(f"{what} split has no column {col!r} ({flag}); columns are: {', '.join(ds.column_names)}")
+    if isinstance(ds.features[image_column], datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    images, captions = [], []
+    for i, row in enumerate(ds):
+        value = row[image_column]
+        if isinstance(value, dict):  # an undecoded Image cell: bytes and/or path
+            label = value.get("path") or f"row {i}"
+            source = value["bytes"] if value.get("bytes") else value.get("path")
+        else:
+            label, source = (value if isinstance(value, str) else f"row {i}"), value
+        if source is None:
+            raise DataError(f"{what} row {i}: column {image_column!r} is empty")
+        try:
+            images.append(open_image(source))
+        except DataError as e:
+            raise DataError(f"{what} row {i} ({label}): {str(e).split(': ', 1)[-1]}") from None
+        text = row[text_column]
+        refs = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
+        if refs is None or not all(isinstance(t, str) for t in refs):
+            raise DataError(f"{what} row {i}: column {text_column!r} must hold a string or a list of strings")
+        refs = [t.strip() for t in refs if t and t.strip()]
+        if not refs:
+            raise DataError(f"{what} row {i} ({label}): empty caption in column {text_column!r}")
+        captions.append(refs)
+    return images, captions
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors and batches
+
+def pixel_values(image_processor, images, chunk=64):
+    """Run the checkpoint's image processor once over all images: (N, 3, H, W) float32."""
+    out = [image_processor(images=images[i:i + chunk], return_tensors="pt")["pixel_values"]
+           for i in range(0, len(images), chunk)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+class CaptionDataset(torch.utils.data.Dataset):
+    """Preprocessed images with tokenised captions. With several captions per image, training
+    draws one per epoch, seeded by (seed, epoch, index) so a resumed run draws the same ones."""
+
+    def __init__(self, pixels, token_ids, references, seed=0):
+        self.pixels, self.token_ids, self.references, self.seed = pixels, token_ids, references, seed
+        self.epoch = None  # None: always the first caption (evaluation)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.token_ids)
+
+    def __getitem__(self, i):
+        choices = self.token_ids[i]
+        k = 0
+        if self.epoch is not None and len(choices) > 1:
+            k = int(np.random.default_rng([self.seed, self.epoch, i]).integers(len(choices)))
+        return self.pixels[i], choices[k], i
+
+
+def build_dataset(images, captions, processor, max_text_length, seed=0):
+    flat = [c for refs in captions for c in refs]
+    ids = processor.tokenizer(flat, truncation=True, max_length=max_text_length)["input_ids"]
+    token_ids, k = [], 0
+    for refs in captions:
+        token_ids.append(ids[k:k + len(refs)])
+        k += len(refs)
+    return CaptionDataset(pixel_values(processor.image_processor, images), token_ids, captions, seed)
+
+
+def collate(batch, pad_id=0):
+    """Pad captions to the longest in the batch. Labels are the input ids with padding set to -100
+    so the loss ignores it (the recipe trains on 512-token padding)."""
+    pixels, ids, index = zip(*batch)
+    length = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(ids), length), dtype=torch.long)
+    for row, x in enumerate(ids):
+        input_ids[row, :len(x)] = torch.tensor(x)
+        attention_mask[row, :len(x)] = 1
+    return {"pixel_values": torch.stack(pixels), "input_ids": input_ids, "attention_mask": attention_mask,
+            "labels": input_ids.masked_fill(attention_mask == 0, -100), "index": torch.tensor(index)}
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded shuffle per epoch that can start part-way through (for resume). Has the same
+    set_epoch interface as DistributedSampler, which can take its place."""
+
+    def __init__(self, n, seed=0, shuffle=True):
+        self.n, self.seed, self.shuffle, self.epoch, self.start = n, seed, shuffle, 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        if not self.shuffle:
+            order = list(range(self.n))
+        else:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        return iter(order[self.start:])
+
+    def __len__(self):
+        return self.n - self.start
+
+
+def make_loader(dataset, batch_size, sampler, pad_id, num_workers=0, pin_memory=False):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+        collate_fn=functools.partial(collate, pad_id=pad_id))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("synthetic", help="write the synthetic captioning set as an imagefolder")
+    s.add_argument("--size", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    if args.size <= 0:
+        p.error("--size must be positive")
+    write_imagefolder(synthetic_dataset(args.size, args.seed), args.out)
+    print(f"wrote {args.size} images and metadata.jsonl to {args.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,409 @@
+"""Fine-tune GIT to caption images: our own loop in place of the HF Trainer recipe.
+
+    python train.py --epochs 50                        # microsoft/git-base on the Pokemon captions
+    python train.py --model tiny --dataset synthetic   # offline: a small GIT from scratch
+    tensorboard --logdir git-base-pokemon/runs
+
+Defaults equal the recipe (lr 5e-5, 50 epochs, batch 32, accumulation 2, evaluate and save every
+50 optimizer steps, keep 3 checkpoints). Differences that matter: captions are padded per batch
+and padding is ignored by the loss; the loss over an accumulated batch is normalised by its target
+tokens; logits are computed for caption positions only; evaluation scores captions produced by
+model.generate, not the argmax of teacher-forced logits.
+"""
+import argparse
+import itertools
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+
+SCHEDULES = ("linear", "cosine", "constant")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--dataset", default="reach-vb/pokemon-blip-captions",
+      help="Hub dataset id, imagefolder folder, save_to_disk folder, or 'synthetic'")
+    a("--image-column", default="image")
+    a("--text-column", default="text", help="a string, or a list of strings (several references)")
+    a("--test-size", type=float, default=0.1, help="held-out fraction when the source has no eval split")
+    a("--synthetic-size", type=int, default=1000, help="scenes in --dataset synthetic")
+    a("--model", default="microsoft/git-base",
+      help="Hub id, save_pretrained folder, or 'tiny' (a small GIT from scratch, tokenizer learned from the captions)")
+    a("--output-dir", default="git-base-pokemon")
+    a("--overwrite-output-dir", action="store_true", help="delete an earlier run's checkpoints in --output-dir")
+    a("--epochs", "--num-train-epochs", dest="epochs", type=float, default=50)
+    a("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
+    a("--learning-rate", type=float, default=5e-5)
+    a("--batch-size", "--per-device-train-batch-size", dest="batch_size", type=int, default=32)
+    a("--eval-batch-size", "--per-device-eval-batch-size", dest="eval_batch_size", type=int, default=32)
+    a("--grad-accum", "--gradient-accumulation-steps", dest="grad_accum", type=int, default=2)
+    a("--eval-steps", type=int, default=50)
+    a("--save-steps", type=int, default=50)
+    a("--logging-steps", type=int, default=50)
+    a("--save-total-limit", type=int, default=3)
+    a("--warmup-steps", "--num-warmup-steps", dest="warmup_steps", type=int, default=0)
+    a("--weight-decay", type=float, default=0.0)
+    a("--max-grad-norm", type=float, default=1.0)
+    a("--lr-schedule", "--lr-scheduler-type", dest="lr_schedule", choices=SCHEDULES, default="linear")
+    a("--precision", choices=PRECISIONS, default="auto",
+      help="auto: fp16 + GradScaler on CUDA, bf16 on CPUs with bf16 matrix units, else fp32")
+    a("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    a("--seed", type=int, default=42)
+    a("--num-workers", type=int, default=0)
+    a("--max-text-length", type=int, default=64, help="captions are truncated to this many tokens")
+    a("--gen-max-length", type=int, default=50, help="max_length for model.generate at evaluation")
+    a("--num-examples", type=int, default=3, help="example captions printed and logged per evaluation")
+    a("--resume", "--resume-from-checkpoint", dest="resume", nargs="?", const="latest", default=None,
+      help="continue from the newest checkpoint in --output-dir (or from the folder given)")
+    args = p.parse_args(argv)
+    for name in ("batch_size", "eval_batch_size", "grad_accum", "eval_steps", "save_steps", "logging_steps",
+                 "max_text_length", "gen_max_length", "synthetic_size"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    for name in ("learning_rate", "epochs"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.max_steps is not None and args.max_steps <= 0:
+        p.error("--max-steps must be positive")
+    if not 0 < args.test_size < 1:
+        p.error("--test-size must be between 0 and 1")
+    for name in ("warmup_steps", "weight_decay", "num_workers", "max_grad_norm", "num_examples"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must not be negative")
+    return args
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def pick_device(name):
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for, but no CUDA GPU is available")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else name if name != "auto" else "cpu")
+
+
+def cpu_has_bf16_units():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def pick_precision(name, device):
+    """(autocast dtype or None, whether to use a GradScaler)."""
+    import torch
+
+    if name == "auto":
+        name = "fp16" if device.type == "cuda" else "bf16" if cpu_has_bf16_units() else "fp32"
+    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[name], name == "fp16"
+
+
+def lr_factor(schedule, warmup, total):
+    def f(step):
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return 1.0 - progress
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+    return f
+
+
+def num_image_tokens(config):
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2 + 1
+    return patches * (config.num_image_with_embedding or 1)
+
+
+def caption_loss(model, batch, num_tokens):
+    """Summed next-token cross-entropy over caption tokens, divided by num_tokens.
+
+    GIT prepends the image tokens to the caption, and its own forward projects every position
+    (image tokens included) onto the vocabulary. We ask for logits only where a target exists: the
+    caption position j predicts token j + 1, for every j whose target is not padding.
+    """
+    import torch.nn.functional as F
+
+    targets = batch["labels"][:, 1:]
+    has_target = targets != -100
+    n_img = num_image_tokens(model.config)
+    keep = has_target.new_zeros((targets.shape[0], n_img + targets.shape[1] + 1))
+    keep[:, n_img:-1] = has_target
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   pixel_values=batch["pixel_values"], logits_to_keep=keep, use_cache=False).logits
+    return F.cross_entropy(logits.float(), targets[has_target], reduction="sum") / num_tokens
+
+
+def num_targets(batch):
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def evaluate(model, processor, loader, device, autocast, gen_max_length):
+    """Teacher-forced loss over the eval split (first reference) and the captions generate() writes."""
+    import torch
+
+    model.eval()
+    loss_sum, tokens, predictions, order = 0.0, 0, [], []
+    with torch.no_grad():
+        for batch in loader:
+            batch = to_device(batch, device)
+            n = num_targets(batch)
+            with autocast():
+                loss_sum += caption_loss(model, batch, 1).item()
+                generated = model.generate(pixel_values=batch["pixel_values"], max_length=gen_max_length)
+            tokens += n
+            predictions += processor.batch_decode(generated, skip_special_tokens=True)
+            order += batch["index"].tolist()
+    model.train()
+    by_index = dict(zip(order, predictions))
+    return loss_sum / max(tokens, 1), [by_index[i] for i in range(len(by_index))]
+
+
+def caption_card(image, prediction, reference):
+    """A thumbnail with the generated caption (and the reference) written under it, for TensorBoard."""
+    import textwrap
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    thumb = image.copy()
+    thumb.thumbnail((224, 224))
+    lines = ["gen: " + l for l in textwrap.wrap(prediction or "(empty)", 36)]
+    lines += ["ref: " + l for l in textwrap.wrap(reference, 36)]
+    card = Image.new("RGB", (max(thumb.width, 240), thumb.height + 12 * len(lines) + 6), "white")
+    card.paste(thumb, (0, 0))
+    draw = ImageDraw.Draw(card)
+    for k, line in enumerate(lines):
+        draw.text((3, thumb.height + 3 + 12 * k), line, fill=(0, 0, 0))
+    return np.asarray(card)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # Heavy imports after argument parsing, so --help and flag errors answer at once.
+    import torch
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+    import transformers
+
+    import checkpoint
+    import data
+    import metrics
+    from model import ModelLoadError, build_tiny_git, is_tiny, load_model
+
+    transformers.logging.set_verbosity_error()  # the PIL-backend notice on every processor load is noise
+    transformers.logging.disable_progress_bar()
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    amp_dtype, use_scaler = pick_precision(args.precision, device)
+
+    # ---- output folder: refuse to mix two runs
+    existing = checkpoint.list_checkpoints(args.output_dir)
+    resume_from = None
+    if args.resume == "latest":
+        if not existing:
+            fail(f"--resume: no complete checkpoint in {args.output_dir!r} to continue from")
+        resume_from = existing[-1][1]
+    elif args.resume is not None:
+        if not os.path.isfile(os.path.join(args.resume, checkpoint.STATE_FILE)):
+            fail(f"--resume: {args.resume!r} is not a checkpoint folder (no {checkpoint.STATE_FILE})")
+        resume_from = args.resume
+    elif existing and not args.overwrite_output_dir:
+        fail(f"{args.output_dir!r} already holds checkpoints of a run; pass --resume to continue it "
+             f"or --overwrite-output-dir to start over")
+    elif args.overwrite_output_dir:
+        for name in [os.path.basename(p) for _, p in existing] + ["best", "runs"]:
+            shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    # ---- data
+    print(f"loading dataset {args.dataset!r}", flush=True)
+    try:
+        source = data.load_source(args.dataset, seed=args.seed, synthetic_size=args.synthetic_size)
+        train_table, eval_table = data.split_source(source, args.test_size, args.seed)
+        train_images, train_captions = data.read_rows(train_table, args.image_column, args.text_column, "train")
+        eval_images, eval_captions = data.read_rows(eval_table, args.image_column, args.text_column, "eval")
+    except data.DataError as e:
+        fail(str(e))
+
+    # ---- model
+    try:
+        if resume_from:
+            model, processor = load_model(resume_from)
+        elif is_tiny(args.model):
+            init_dir = os.path.join(args.output_dir, "init-model")
+            build_tiny_git([c for refs in train_captions for c in refs], init_dir, preset=args.model, seed=args.seed)
+            model, processor = load_model(init_dir)
+        else:
+            model, processor = load_model(args.model)
+    except ModelLoadError as e:
+        fail(str(e))
+    model.to(device)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    pad_id = processor.tokenizer.pad_token_id
+
+    train_set = data.build_dataset(train_images, train_captions, processor, args.max_text_length, args.seed)
+    eval_set = data.build_dataset(eval_images, eval_captions, processor, args.max_text_length, args.seed)
+    train_sampler = data.EpochSampler(len(train_set), seed=args.seed)
+    pin = device.type == "cuda"
+    train_loader = data.make_loader(train_set, args.batch_size, train_sampler, pad_id, args.num_workers, pin)
+    eval_loader = data.make_loader(eval_set, args.eval_batch_size, data.EpochSampler(len(eval_set), shuffle=False),
+                                   pad_id, args.num_workers, pin)
+    batches_per_epoch = math.ceil(len(train_set) / args.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
+    max_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+    print(f"train {len(train_set)} images, eval {len(eval_set)} | {steps_per_epoch} steps/epoch, {max_steps} steps | "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | {device} "
+          f"{'fp32' if amp_dtype is None else str(amp_dtype).split('.')[-1]}", flush=True)
+
+    # ---- optimizer, schedule, mixed precision
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # biases and LayerNorms
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args.lr_schedule, args.warmup_steps, max_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+    step, epoch, batches_done, best = 0, 0, 0, {"wer": None, "step": None}
+    history = []
+    if resume_from:
+        state = checkpoint.load_training_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        step, epoch, batches_done, best = state["step"], state["epoch"], state["batches_done"], state["best"]
+        history = state.get("history", [])
+        print(f"resumed from {resume_from} at step {step} (epoch {epoch}, batch {batches_done})", flush=True)
+
+    writer = SummaryWriter(os.path.join(args.output_dir, "runs"), purge_step=step if resume_from else None)
+    with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+
+    def run_eval():
+        t0 = time.time()
+        eval_loss, predictions = evaluate(model, processor, eval_loader, device, autocast, args.gen_max_length)
+        scores = metrics.caption_scores(predictions, eval_captions)
+        writer.add_scalar("eval/loss", eval_loss, step)
+        writer.add_scalar("eval/wer", scores["wer"], step)
+        writer.add_scalar("eval/cer", scores["cer"], step)
+        lines = [f"eval step {step}: loss {eval_loss:.4f} | wer {scores['wer']:.4f} | cer {scores['cer']:.4f} "
+                 f"| {time.time() - t0:.1f}s"]
+        for k in range(min(args.num_examples, len(predictions))):
+            lines.append(f"  gen: {predictions[k]!r}\n  ref: {eval_captions[k][0]!r}")
+            writer.add_image(f"eval/example_{k}", caption_card(eval_images[k], predictions[k], eval_captions[k][0]),
+                             step, dataformats="HWC")
+        writer.add_text("eval/captions", "\n\n".join(f"**gen:** {predictions[k]}  \n**ref:** {eval_captions[k][0]}"
+                                                     for k in range(min(args.num_examples, len(predictions)))), step)
+        tqdm.write("\n".join(lines))
+        history.append({"step": step, "eval_loss": eval_loss, **scores})
+        if best["wer"] is None or scores["wer"] < best["wer"]:
+            best.update(wer=scores["wer"], step=step)
+            checkpoint.save_model(os.path.join(args.output_dir, "best"), model, processor)
+        return scores
+
+    def save():
+        state = {"step": step, "epoch": epoch, "batches_done": batches_done, "best": dict(best),
+                 "history": list(history), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": checkpoint.rng_state()}
+        summary = {"step": step, "epoch": epoch + batches_done / batches_per_epoch, "best": best, "history": history}
+        path = checkpoint.save_checkpoint(args.output_dir, step, model, processor, state, summary)
+        checkpoint.rotate_checkpoints(args.output_dir, args.save_total_limit, keep_step=best["step"])
+        tqdm.write(f"saved {path}")
+
+    # ---- the loop: one iteration = one optimizer step over grad_accum micro-batches
+    model.train()
+    bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not sys.stderr.isatty())
+    last_eval = last_save = step
+    window_loss, window_steps, window_samples, window_t0 = 0.0, 0, 0, time.time()
+    while step < max_steps:
+        train_sampler.set_epoch(epoch, start=batches_done * args.batch_size)
+        train_set.set_epoch(epoch)
+        batches = iter(train_loader)
+        while step < max_steps:
+            micro = list(itertools.islice(batches, args.grad_accum))
+            if not micro:
+                break
+            batches_done += len(micro)
+            # Normalise by the target tokens of the whole accumulated batch, so every caption token
+            # weighs the same however the batch was cut into micro-batches.
+            n_tokens = sum(num_targets(b) for b in micro)
+            step_loss = 0.0
+            for b in micro:
+                b = to_device(b, device)
+                with autocast():
+                    loss = caption_loss(model, b, n_tokens)
+                scaler.scale(loss).backward()
+                step_loss += loss.item()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            bar.update(1)
+
+            window_loss += step_loss
+            window_steps += 1
+            window_samples += sum(len(b["index"]) for b in micro)
+            lr = scheduler.get_last_lr()[0]
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            if step % args.logging_steps == 0 or step == max_steps:
+                speed = window_samples / (time.time() - window_t0)
+                writer.add_scalar("train/loss", window_loss / window_steps, step)
+                writer.add_scalar("train/lr", lr, step)
+                writer.add_scalar("train/grad_norm", float(grad_norm), step)
+                writer.add_scalar("train/samples_per_second", speed, step)
+                tqdm.write(f"step {step}/{max_steps} | epoch {epoch + batches_done / batches_per_epoch:.2f} | "
+                           f"loss {window_loss / window_steps:.4f} | lr {lr:.3e} | grad_norm {float(grad_norm):.3f} "
+                           f"| {speed:.1f} samples/s")
+                window_loss, window_steps, window_samples = 0.0, 0, 0
+            if step % args.eval_steps == 0 or step == max_steps:
+                run_eval()
+                last_eval = step
+            if step % args.save_steps == 0 or step == max_steps:
+                save()
+                last_save = step
+            window_t0 = time.time() if window_steps == 0 else window_t0
+        else:
+            break
+        epoch, batches_done = epoch + 1, 0
+    bar.close()
+    if last_eval != step:
+        run_eval()
+    if last_save != step:
+        save()
+    writer.close()
+    print(f"done: {step} steps | best eval wer {best['wer']:.4f} at step {best['step']} | "
+          f"best model in {os.path.join(args.output_dir, 'best')} | "
+          f"tensorboard --logdir {os.path.join(args.output_dir, 'runs')}", flush=True)
+    return best
+
+
+if __name__ == "__main__":
+    main()
