@@ -127,6 +127,10 @@ def write_imagefolder(ds, out_dir, image_column="image", text_column="text"):
 # ---------------------------------------------------------------------------------------------
 # Sources -> (train table, eval table)
 
+def looks_like_path(name):
+    """A local path rather than a Hub id ("owner/name" has at most one slash and no leading dot)."""
+    return os.path.exists(name) or name.startswith(("/", ".", "~")) or name.endswith("/") or name.count("/") > 1
+
 def load_source(name, seed=0, synthetic_size=1000):
     """A DatasetDict or Dataset for --dataset. Raises DataError with a one-line reason."""
     import datasets
@@ -140,7 +144,7 @@ def load_source(name, seed=0, synthetic_size=1000):
             return datasets.load_dataset("imagefolder", data_dir=name)
         raise DataError(f"dataset folder {name!r} has neither metadata.jsonl/metadata.csv (imagefolder) "
                         f"nor dataset_dict.json/state.json (save_to_disk)")
-    if os.path.sep in name and not os.path.exists(name) or name.startswith("."):
+    if looks_like_path(name):
         raise DataError(f"dataset folder {name!r} does not exist")
     try:
         return datasets.load_dataset(name)

@@ -58,7 +58,9 @@ def load_model(name, dtype=None):
     """AutoModelForCausalLM + AutoProcessor from a Hub id or a local folder; one-line errors."""
     from transformers import AutoModelForCausalLM, AutoProcessor
 
-    if os.path.sep in name or name.startswith(".") or os.path.exists(name):
+    from data import looks_like_path
+
+    if looks_like_path(name):
         if not os.path.isdir(name):
             raise ModelLoadError(f"model folder {name!r} does not exist")
         if not os.path.isfile(os.path.join(name, "config.json")):

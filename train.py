@@ -24,8 +24,13 @@ SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + error
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--dataset", default="reach-vb/pokemon-blip-captions",
       help="Hub dataset id, imagefolder folder, save_to_disk folder, or 'synthetic'")
@@ -202,6 +207,7 @@ def main(argv=None):
     import torch
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
+    import datasets
     import transformers
 
     import checkpoint
@@ -211,6 +217,7 @@ def main(argv=None):
 
     transformers.logging.set_verbosity_error()  # the PIL-backend notice on every processor load is noise
     transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)

@@ -1,0 +1,167 @@
+import csv
+import io
+import json
+import os
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor
+
+import data
+
+
+def rows(source, test_size=0.1, seed=0):
+    train, held_out = data.split_source(source, test_size, seed)
+    return data.read_rows(train, "image", "text", "train"), data.read_rows(held_out, "image", "text", "eval")
+
+
+def test_synthetic_is_deterministic_and_compositional():
+    a = data.synthetic_dataset(20, seed=3)
+    b = data.synthetic_dataset(20, seed=3)
+    assert list(a["text"]) == list(b["text"])
+    assert np.array_equal(np.asarray(a[5]["image"]), np.asarray(b[5]["image"]))
+    assert list(data.synthetic_dataset(20, seed=4)["text"]) != list(a["text"])
+    for caption in a["text"]:
+        for phrase in caption.split(" and "):
+            words = phrase.split()
+            assert words[0] == "a" and words[1] in data.SIZES and words[2] in data.COLORS and words[3] in data.SHAPES
+
+
+def test_imagefolder_jsonl_source(imagefolder):
+    (train_images, train_caps), (eval_images, eval_caps) = rows(data.load_source(imagefolder))
+    assert len(train_images) == 36 and len(eval_images) == 4
+    assert all(im.mode == "RGB" for im in train_images)
+    truth = {json.loads(l)["text"] for l in open(os.path.join(imagefolder, "metadata.jsonl"))}
+    assert {c[0] for c in train_caps + eval_caps} == truth
+
+
+def test_imagefolder_csv_source_with_own_caption_column(tmp_path):
+    for i in range(10):
+        img, _ = data.synthetic_scene(0, i)
+        img.save(tmp_path / f"{i}.png")
+    with open(tmp_path / "metadata.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file_name", "caption"])
+        w.writerows([[f"{i}.png", f"scene number {i}"] for i in range(10)])
+    train, held_out = data.split_source(data.load_source(str(tmp_path)), 0.2, 0)
+    images, caps = data.read_rows(train, "image", "caption", "train")
+    assert len(images) == 8 and all(c[0].startswith("scene number") for c in caps)
+    with pytest.raises(data.DataError, match=r"no column 'text' \(--text-column\); columns are: image, caption"):
+        data.read_rows(train, "image", "text", "train")
+
+
+def test_save_to_disk_source_uses_its_own_validation_split(tmp_path):
+    ds = datasets.DatasetDict({"train": data.synthetic_dataset(12, seed=0), "validation": data.synthetic_dataset(5, seed=9)})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    (train_images, _), (eval_images, eval_caps) = rows(data.load_source(str(tmp_path / "saved")))
+    assert len(train_images) == 12 and len(eval_images) == 5
+    assert [c[0] for c in eval_caps] == list(ds["validation"]["text"])
+
+
+def test_unreachable_hub_dataset_and_missing_folder_are_one_line_errors(tmp_path):
+    with pytest.raises(data.DataError, match="could not load dataset 'nobody/no-such-captions'") as e:
+        data.load_source("nobody/no-such-captions")
+    assert "\n" not in str(e.value)
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.load_source(str(tmp_path / "nope") + "/")
+    with pytest.raises(data.DataError, match="neither metadata"):
+        data.load_source(str(tmp_path))
+
+
+def test_list_of_captions_draws_one_per_epoch_and_keeps_all_for_evaluation(tiny_model_dir):
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    refs = [["a red circle", "a blue square", "a green triangle", "a small star"]] * 8
+    images = [data.synthetic_scene(0, i)[0] for i in range(8)]
+    ds = data.build_dataset(images, refs, processor, max_text_length=32, seed=5)
+    decode = lambda ids: processor.tokenizer.decode(ids, skip_special_tokens=True)
+    assert ds.references == refs
+    assert {decode(ds[i][1]) for i in range(8)} == {"a red circle"}  # evaluation: the first
+    ds.set_epoch(0)
+    epoch0 = [decode(ds[i][1]) for i in range(8)]
+    assert epoch0 == [decode(ds[i][1]) for i in range(8)]  # the same draw when asked again (resume)
+    drawn = set()
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        drawn |= {decode(ds[i][1]) for i in range(8)}
+    assert drawn == set(refs[0])
+
+
+def test_collate_pads_to_the_longest_caption_and_masks_padding():
+    pixels = torch.zeros(3, 4, 4)
+    batch = data.collate([(pixels, [2, 7, 3], 0), (pixels, [2, 7, 8, 9, 3], 1)], pad_id=0)
+    assert batch["input_ids"].tolist() == [[2, 7, 3, 0, 0], [2, 7, 8, 9, 3]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert batch["labels"].tolist() == [[2, 7, 3, -100, -100], [2, 7, 8, 9, 3]]
+    assert batch["pixel_values"].shape == (2, 3, 4, 4) and batch["index"].tolist() == [0, 1]
+
+
+def test_captions_are_truncated_and_images_preprocessed_once(tiny_model_dir):
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    calls = []
+    original = processor.image_processor.__class__.__call__
+
+    class Counting(processor.image_processor.__class__):
+        def __call__(self, images, **kw):
+            calls.append(len(images))
+            return original(self, images, **kw)
+
+    processor.image_processor.__class__ = Counting
+    images = [data.synthetic_scene(0, i)[0] for i in range(10)]
+    ds = data.build_dataset(images, [["a " + "very " * 40 + "long caption"]] * 10, processor, max_text_length=12)
+    assert sum(calls) == 10 and ds.pixels.shape == (10, 3, 64, 64)
+    loader = data.make_loader(ds, 4, data.EpochSampler(10, seed=0), pad_id=0)
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        for batch in loader:
+            assert batch["input_ids"].shape[1] == 12
+            assert (batch["input_ids"][:, -1] == processor.tokenizer.sep_token_id).all()
+    assert sum(calls) == 10
+
+
+def test_epoch_sampler_is_seeded_and_resumes_mid_epoch():
+    s = data.EpochSampler(10, seed=1)
+    s.set_epoch(2)
+    full = list(s)
+    assert sorted(full) == list(range(10))
+    s.set_epoch(3)
+    assert list(s) != full
+    s.set_epoch(2, start=4)
+    assert list(s) == full[4:] and len(s) == 6
+
+
+def encoded(img, fmt, **kw):
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_every_image_mode_becomes_upright_rgb():
+    red = Image.new("RGB", (8, 4), (255, 0, 0))
+    assert data.open_image(encoded(red.convert("L"), "PNG")).mode == "RGB"
+    la = Image.new("LA", (4, 4), (0, 0))  # fully transparent black: shows the white background
+    assert data.open_image(encoded(la, "PNG")).getpixel((0, 0)) == (255, 255, 255)
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 255))
+    assert data.open_image(encoded(rgba, "PNG")).getpixel((0, 0)) == (255, 0, 0)
+    pal = red.convert("P")
+    assert data.open_image(encoded(pal, "PNG")).getpixel((0, 0)) == (255, 0, 0)
+    cmyk = data.open_image(encoded(red.convert("CMYK"), "JPEG", quality=100))
+    assert cmyk.mode == "RGB" and cmyk.getpixel((4, 2))[0] > 200 and cmyk.getpixel((4, 2))[2] < 60
+    deep = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))  # mid-grey in 16 bits
+    assert deep.mode.startswith("I")
+    grey = data.open_image(encoded(deep, "PNG")).getpixel((0, 0))
+    assert 120 <= grey[0] <= 135 and grey[0] == grey[1] == grey[2]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to display
+    rotated = data.open_image(encoded(red, "JPEG", exif=exif.tobytes()))
+    assert rotated.size == (4, 8)
+
+
+def test_bad_images_name_the_file(tmp_path):
+    with pytest.raises(data.DataError, match="nope.png: no such file"):
+        data.open_image(str(tmp_path / "nope.png"))
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(data.DataError, match="text.png: not a readable image"):
+        data.open_image(str(tmp_path / "text.png"))

@@ -1,0 +1,177 @@
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM, AutoProcessor
+
+import data
+import train
+from conftest import ROOT
+
+
+def run_train(out, *extra, model="tiny", size=160):
+    argv = ["--dataset", "synthetic", "--synthetic-size", str(size), "--model", model, "--output-dir", str(out),
+            "--batch-size", "16", "--grad-accum", "1", "--learning-rate", "1e-3", "--precision", "fp32",
+            "--logging-steps", "5", "--num-examples", "2", *extra]
+    return train.main(argv)
+
+
+def history(out, step):
+    with open(os.path.join(out, f"checkpoint-{step}", "trainer_state.json")) as f:
+        return json.load(f)["history"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny GIT trained from scratch (tokenizer learned from the captions) for 80 steps."""
+    out = str(tmp_path_factory.mktemp("run"))
+    run_train(out, "--max-steps", "80", "--eval-steps", "20", "--save-steps", "40", "--warmup-steps", "10",
+              size=240)
+    return out
+
+
+def test_eval_wer_falls_during_a_short_run(trained_run):
+    wers = [h["wer"] for h in history(trained_run, 80)]
+    assert [h["step"] for h in history(trained_run, 80)] == [20, 40, 60, 80]
+    assert wers[-1] < wers[0] - 0.1, wers
+    assert sorted(os.listdir(trained_run)) == ["best", "checkpoint-40", "checkpoint-80", "init-model", "runs",
+                                               "training_args.json"]
+
+
+def test_best_model_loads_with_from_pretrained_and_infer_gives_its_captions(trained_run, tmp_path):
+    best = os.path.join(trained_run, "best")
+    model = AutoModelForCausalLM.from_pretrained(best).eval()
+    processor = AutoProcessor.from_pretrained(best)
+    paths = []
+    for i in range(3):
+        img, _ = data.synthetic_scene(77, i)
+        paths.append(str(tmp_path / f"scene{i}.png"))
+        img.save(paths[-1])
+    pixels = processor(images=[data.open_image(p) for p in paths], return_tensors="pt").pixel_values
+    expected = processor.batch_decode(model.generate(pixel_values=pixels, max_length=50), skip_special_tokens=True)
+    assert all(expected)
+
+    (tmp_path / "notes.png").write_text("this is text, not a PNG")
+    missing = str(tmp_path / "missing.png")
+    args = [sys.executable, os.path.join(ROOT, "infer.py"), "--model", best, paths[0], missing,
+            str(tmp_path / "notes.png"), paths[1], paths[2]]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=str(tmp_path))
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines() == [f"{p}\t{c}" for p, c in zip(paths, expected)]
+    errors = proc.stderr.strip().splitlines()
+    assert len(errors) == 2 and "missing.png: no such file" in errors[0] and "notes.png: not a readable image" in errors[1]
+
+
+def test_tensorboard_holds_the_scalars_and_example_images(trained_run):
+    events = EventAccumulator(os.path.join(trained_run, "runs"))
+    events.Reload()
+    tags = events.Tags()
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/samples_per_second", "eval/loss", "eval/wer"):
+        assert tag in tags["scalars"], tag
+    assert [e.step for e in events.Scalars("eval/wer")] == [20, 40, 60, 80]
+    assert "eval/example_0" in tags["images"]
+
+
+def test_rotation_keeps_the_newest_and_the_best(tmp_path, tiny_model_dir):
+    run_train(tmp_path, "--max-steps", "12", "--eval-steps", "3", "--save-steps", "3", "--save-total-limit", "1",
+              model=tiny_model_dir)
+    best_step = json.load(open(tmp_path / "checkpoint-12" / "trainer_state.json"))["best"]["step"]
+    kept = sorted(int(p.rsplit("-", 1)[1]) for p in glob.glob(str(tmp_path / "checkpoint-*")))
+    assert kept == sorted({12, best_step})
+
+
+def test_resume_continues_exactly_where_the_checkpoint_left_off(tmp_path, tiny_model_dir):
+    # 160 scenes -> 144 for training -> 9 steps an epoch: step 4 is mid-epoch, step 12 in the next one.
+    args = ["--max-steps", "12", "--save-steps", "4", "--eval-steps", "100"]
+    run_train(tmp_path / "full", *args, model=tiny_model_dir)
+    os.makedirs(tmp_path / "resumed")
+    shutil.copytree(tmp_path / "full" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
+    run_train(tmp_path / "resumed", *args, "--resume", model=tiny_model_dir)
+    a = load_file(str(tmp_path / "full" / "checkpoint-12" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "checkpoint-12" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+    start = load_file(str(tmp_path / "full" / "checkpoint-4" / "model.safetensors"))
+    assert any(not torch.equal(start[k], a[k]) for k in a)  # it did train after step 4
+
+    # The same folder again without --resume would mix two runs: refused.
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / "full", *args, model=tiny_model_dir)
+    assert e.value.code == 2
+
+
+def test_fp16_autocast_with_grad_scaler_on_cpu(tmp_path, tiny_model_dir):
+    run_train(tmp_path, "--max-steps", "4", "--save-steps", "4", "--eval-steps", "4", "--precision", "fp16",
+              model=tiny_model_dir)
+    state = torch.load(tmp_path / "checkpoint-4" / "training_state.pt", weights_only=True)
+    assert state["scaler"]["scale"] > 0  # a disabled GradScaler saves an empty state
+    assert all(torch.isfinite(torch.tensor(h["eval_loss"])) for h in state["history"])
+    before = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    after = load_file(str(tmp_path / "checkpoint-4" / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def batch_of(processor, captions, seed=0):
+    images = [data.synthetic_scene(seed, i)[0] for i in range(len(captions))]
+    ds = data.build_dataset(images, [[c] for c in captions], processor, max_text_length=40)
+    return data.collate([ds[i] for i in range(len(ds))], processor.tokenizer.pad_token_id)
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_loss_matches_git_and_accumulation_equals_one_big_batch(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()  # eval: no dropout, exact comparison
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    captions = ["a red circle", "a small blue square at the top and a large red circle on the left",
+                "a green triangle in the center", "a large orange circle"]
+    big = batch_of(processor, captions)
+    first, second = batch_of(processor, captions[:2]), batch_of(processor, captions[2:])
+
+    # Our text-only logits give GIT's own loss (which projects every position, image tokens too).
+    n = train.num_targets(big)
+    git_loss = model(**{k: big[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}).loss
+    torch.testing.assert_close(train.caption_loss(model, big, n), git_loss)
+
+    train.caption_loss(model, big, n).backward()
+    expected = grads(model)
+    model.zero_grad()
+    for micro in (first, second):
+        train.caption_loss(model, micro, n).backward()
+    accumulated = grads(model)
+    model.zero_grad()
+    for k in expected:
+        torch.testing.assert_close(accumulated[k], expected[k], atol=1e-6, rtol=1e-5, msg=k)
+
+    # Averaging each micro-batch and then the two (what naive accumulation does) weighs tokens unequally.
+    for micro in (first, second):
+        (train.caption_loss(model, micro, train.num_targets(micro)) / 2).backward()
+    naive = grads(model)
+    assert any(not torch.allclose(naive[k], expected[k], atol=1e-6, rtol=1e-5) for k in expected)
+
+
+def test_bad_flags_and_missing_model_are_one_line_errors(tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
+                              cwd=str(tmp_path), env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+    for args, needle in [(["--batch-size", "0"], "--batch-size must be positive"),
+                         (["--learning-rate", "-1"], "--learning-rate must be positive"),
+                         (["--precision", "fp8"], "--precision"),
+                         (["--model", "./no-such-model", "--dataset", "synthetic"], "no-such-model"),
+                         (["--dataset", str(tmp_path / "absent") + "/"], "absent"),
+                         (["--resume"], "no complete checkpoint")]:
+        proc = cli(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
