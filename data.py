@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
+from hub import looks_like_path
+
 SYNTHETIC = "synthetic"
 EVAL_SPLIT_NAMES = ("validation", "valid", "val", "test")
 
@@ -127,10 +129,6 @@ def write_imagefolder(ds, out_dir, image_column="image", text_column="text"):
 # ---------------------------------------------------------------------------------------------
 # Sources -> (train table, eval table)
 
-def looks_like_path(name):
-    """A local path rather than a Hub id ("owner/name" has at most one slash and no leading dot)."""
-    return os.path.exists(name) or name.startswith(("/", ".", "~")) or name.endswith("/") or name.count("/") > 1
-
 def load_source(name, seed=0, synthetic_size=1000):
     """A DatasetDict or Dataset for --dataset. Raises DataError with a one-line reason."""
     import datasets
@@ -149,9 +147,9 @@ def load_source(name, seed=0, synthetic_size=1000):
     try:
         return datasets.load_dataset(name)
     except Exception as e:  # the Hub client raises many kinds; all mean the same thing to a user
-        raise DataError(f"could not load dataset {name!r} from the Hugging Face Hub "
-                        f"({type(e).__name__}: offline or no such dataset); pass a local folder with "
-                        f"--dataset, or --dataset synthetic to run offline") from None
+        raise DataError(f"dataset {name!r} is not a local folder and could not be loaded from the Hugging Face "
+                        f"Hub ({type(e).__name__}: offline and not cached, or no such dataset); pass an imagefolder or "
+                        f"save_to_disk folder, or --dataset synthetic") from None
 
 
 def split_source(source, test_size, seed):
@@ -297,6 +295,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.size <= 0:
         p.error("--size must be positive")
+    import datasets
+
+    datasets.disable_progress_bars()
     write_imagefolder(synthetic_dataset(args.size, args.seed), args.out)
     print(f"wrote {args.size} images and metadata.jsonl to {args.out}")
 

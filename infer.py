@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 
+import hub
+
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + error
@@ -46,6 +48,7 @@ def caption_images(model, processor, images, max_length=50, batch_size=16):
 
 def main(argv=None):
     args = parse_args(argv)
+    hub.offline_unless_needed(args.model)
     import torch
     import transformers
 

@@ -48,17 +48,39 @@ def build_tiny_git(captions, out_dir, preset="tiny", vocab_size=2000, seed=0):
     )
     torch.manual_seed(seed)
     model = GitForCausalLM(config)
+    # A ViT trained from scratch learns where things are very slowly from random position
+    # embeddings; starting them at fixed 2-D sine-cosine codes (as MAE does) lets the small model
+    # read positions from its first steps. They stay trainable.
+    embeddings = model.git.image_encoder.vision_model.embeddings
+    grid = cfg["vision"]["image_size"] // cfg["vision"]["patch_size"]
+    with torch.no_grad():
+        embeddings.position_embedding.weight[1:] = sincos_2d(grid, embeddings.embed_dim)
+        embeddings.position_embedding.weight[0] = 0.0  # the class token has no place
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
     GitProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)
     return out_dir
 
 
+def sincos_2d(grid, dim):
+    """(grid*grid, dim) codes: half the channels encode the row, half the column."""
+    import torch
+
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    coords = torch.arange(grid, dtype=torch.float32)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    parts = []
+    for axis in (rows.flatten(), cols.flatten()):
+        angles = axis[:, None] * freqs[None, :]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1)
+
+
 def load_model(name, dtype=None):
     """AutoModelForCausalLM + AutoProcessor from a Hub id or a local folder; one-line errors."""
     from transformers import AutoModelForCausalLM, AutoProcessor
 
-    from data import looks_like_path
+    from hub import looks_like_path
 
     if looks_like_path(name):
         if not os.path.isdir(name):
@@ -72,8 +94,8 @@ def load_model(name, dtype=None):
         if os.path.isdir(name):
             raise ModelLoadError(f"could not load model from folder {name!r}: {first_line(e)}") from None
         raise ModelLoadError(
-            f"could not download model {name!r} from the Hugging Face Hub (offline or no such repo); "
-            f"pass a local folder with --model, or --model tiny to train a small GIT from scratch") from None
+            f"model {name!r} is not a local folder and could not be downloaded from the Hugging Face Hub "
+            f"(offline and not cached, or no such repo); pass a folder written by save_pretrained") from None
     if model.config.model_type != "git":
         raise ModelLoadError(f"model {name!r} is a {model.config.model_type!r} model, not GIT")
     return model, processor

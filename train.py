@@ -20,6 +20,9 @@ import shutil
 import sys
 import time
 
+import hub
+from model import TINY_PRESETS as TINY
+
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
@@ -203,6 +206,7 @@ def caption_card(image, prediction, reference):
 
 def main(argv=None):
     args = parse_args(argv)
+    hub.offline_unless_needed(*[n for n in (args.dataset, args.model) if n != "synthetic" and n not in TINY])
     # Heavy imports after argument parsing, so --help and flag errors answer at once.
     import torch
     from torch.utils.tensorboard import SummaryWriter

@@ -62,7 +62,7 @@ def test_save_to_disk_source_uses_its_own_validation_split(tmp_path):
 
 
 def test_unreachable_hub_dataset_and_missing_folder_are_one_line_errors(tmp_path):
-    with pytest.raises(data.DataError, match="could not load dataset 'nobody/no-such-captions'") as e:
+    with pytest.raises(data.DataError, match="dataset 'nobody/no-such-captions' is not a local folder and could not be loaded") as e:
         data.load_source("nobody/no-such-captions")
     assert "\n" not in str(e.value)
     with pytest.raises(data.DataError, match="does not exist"):

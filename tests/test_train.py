@@ -119,8 +119,8 @@ def test_fp16_autocast_with_grad_scaler_on_cpu(tmp_path, tiny_model_dir):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def batch_of(processor, captions, seed=0):
-    images = [data.synthetic_scene(seed, i)[0] for i in range(len(captions))]
+def batch_of(processor, captions, first=0):
+    images = [data.synthetic_scene(0, first + i)[0] for i in range(len(captions))]
     ds = data.build_dataset(images, [[c] for c in captions], processor, max_text_length=40)
     return data.collate([ds[i] for i in range(len(ds))], processor.tokenizer.pad_token_id)
 
@@ -135,7 +135,7 @@ def test_loss_matches_git_and_accumulation_equals_one_big_batch(tiny_model_dir):
     captions = ["a red circle", "a small blue square at the top and a large red circle on the left",
                 "a green triangle in the center", "a large orange circle"]
     big = batch_of(processor, captions)
-    first, second = batch_of(processor, captions[:2]), batch_of(processor, captions[2:])
+    first, second = batch_of(processor, captions[:2]), batch_of(processor, captions[2:], first=2)
 
     # Our text-only logits give GIT's own loss (which projects every position, image tokens too).
     n = train.num_targets(big)
@@ -150,7 +150,7 @@ def test_loss_matches_git_and_accumulation_equals_one_big_batch(tiny_model_dir):
     accumulated = grads(model)
     model.zero_grad()
     for k in expected:
-        torch.testing.assert_close(accumulated[k], expected[k], atol=1e-6, rtol=1e-5, msg=k)
+        torch.testing.assert_close(accumulated[k], expected[k], atol=1e-6, rtol=1e-5, msg=lambda m: k + m)
 
     # Averaging each micro-batch and then the two (what naive accumulation does) weighs tokens unequally.
     for micro in (first, second):
