@@ -32,7 +32,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, **defaults):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--dataset", default="reach-vb/pokemon-blip-captions",
@@ -69,6 +69,7 @@ def parse_args(argv=None):
     a("--num-examples", type=int, default=3, help="example captions printed and logged per evaluation")
     a("--resume", "--resume-from-checkpoint", dest="resume", nargs="?", const="latest", default=None,
       help="continue from the newest checkpoint in --output-dir (or from the folder given)")
+    p.set_defaults(**defaults)
     args = p.parse_args(argv)
     for name in ("batch_size", "eval_batch_size", "grad_accum", "eval_steps", "save_steps", "logging_steps",
                  "max_text_length", "gen_max_length", "synthetic_size"):
@@ -185,6 +186,34 @@ def evaluate(model, processor, loader, device, autocast, gen_max_length):
     return loss_sum / max(tokens, 1), [by_index[i] for i in range(len(by_index))]
 
 
+def load_splits(args):
+    """(train images, train captions, eval images, eval captions); raises data.DataError."""
+    import data
+
+    source = data.load_source(args.dataset, seed=args.seed, synthetic_size=args.synthetic_size)
+    train_table, eval_table = data.split_source(source, args.test_size, args.seed)
+    train = data.read_rows(train_table, args.image_column, args.text_column, "train")
+    held_out = data.read_rows(eval_table, args.image_column, args.text_column, "eval")
+    return (*train, *held_out)
+
+
+def load_or_build_model(args, train_captions, resume_from=None):
+    """The checkpoint being resumed, a tiny GIT built for the captions, or --model; raises ModelLoadError."""
+    from model import build_tiny_git, is_tiny, load_model
+
+    if resume_from:
+        model, processor = load_model(resume_from)
+    elif is_tiny(args.model):
+        init_dir = os.path.join(args.output_dir, "init-model")
+        build_tiny_git([c for refs in train_captions for c in refs], init_dir, preset=args.model, seed=args.seed)
+        model, processor = load_model(init_dir)
+    else:
+        model, processor = load_model(args.model)
+    if model.generation_config.pad_token_id is None:  # batched generate pads finished captions
+        model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return model, processor
+
+
 def caption_card(image, prediction, reference):
     """A thumbnail with the generated caption (and the reference) written under it, for TensorBoard."""
     import textwrap
@@ -217,7 +246,7 @@ def main(argv=None):
     import checkpoint
     import data
     import metrics
-    from model import ModelLoadError, build_tiny_git, is_tiny, load_model
+    from model import ModelLoadError
 
     transformers.logging.set_verbosity_error()  # the PIL-backend notice on every processor load is noise
     transformers.logging.disable_progress_bar()
@@ -246,31 +275,17 @@ def main(argv=None):
             shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
     os.makedirs(args.output_dir, exist_ok=True)
 
-    # ---- data
+    # ---- data and model
     print(f"loading dataset {args.dataset!r}", flush=True)
     try:
-        source = data.load_source(args.dataset, seed=args.seed, synthetic_size=args.synthetic_size)
-        train_table, eval_table = data.split_source(source, args.test_size, args.seed)
-        train_images, train_captions = data.read_rows(train_table, args.image_column, args.text_column, "train")
-        eval_images, eval_captions = data.read_rows(eval_table, args.image_column, args.text_column, "eval")
+        train_images, train_captions, eval_images, eval_captions = load_splits(args)
     except data.DataError as e:
         fail(str(e))
-
-    # ---- model
     try:
-        if resume_from:
-            model, processor = load_model(resume_from)
-        elif is_tiny(args.model):
-            init_dir = os.path.join(args.output_dir, "init-model")
-            build_tiny_git([c for refs in train_captions for c in refs], init_dir, preset=args.model, seed=args.seed)
-            model, processor = load_model(init_dir)
-        else:
-            model, processor = load_model(args.model)
+        model, processor = load_or_build_model(args, train_captions, resume_from)
     except ModelLoadError as e:
-        fail(str(e))
+        fail(f"{e}, or --model tiny to train a small GIT from scratch")
     model.to(device)
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     pad_id = processor.tokenizer.pad_token_id
 
     train_set = data.build_dataset(train_images, train_captions, processor, args.max_text_length, args.seed)
@@ -349,7 +364,8 @@ def main(argv=None):
     model.train()
     bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                disable=not sys.stderr.isatty())
-    last_eval = last_save = step
+    last_save = step  # a resumed run starts from a saved step
+    last_eval = step if history and history[-1]["step"] == step else -1
     window_loss, window_steps, window_samples, window_t0 = 0.0, 0, 0, time.time()
     while step < max_steps:
         train_sampler.set_epoch(epoch, start=batches_done * args.batch_size)

@@ -9,42 +9,19 @@ same data loading and scoring code as train.py.
 
     python bench/trainer_recipe.py --model tiny --dataset synthetic --max-steps 200
 """
-import argparse
 import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--dataset", default="reach-vb/pokemon-blip-captions")
-    a("--image-column", default="image")
-    a("--text-column", default="text")
-    a("--test-size", type=float, default=0.1)
-    a("--synthetic-size", type=int, default=1000)
-    a("--model", default="microsoft/git-base")
-    a("--output-dir", default="bench-trainer-out")
-    a("--epochs", "--num-train-epochs", dest="epochs", type=float, default=50)
-    a("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
-    a("--learning-rate", type=float, default=5e-5)
-    a("--batch-size", "--per-device-train-batch-size", dest="batch_size", type=int, default=32)
-    a("--eval-batch-size", "--per-device-eval-batch-size", dest="eval_batch_size", type=int, default=32)
-    a("--grad-accum", "--gradient-accumulation-steps", dest="grad_accum", type=int, default=2)
-    a("--eval-steps", type=int, default=50)
-    a("--save-steps", type=int, default=50, help="must be a multiple of --eval-steps (load_best_model_at_end)")
-    a("--logging-steps", type=int, default=50)
-    a("--seed", type=int, default=42)
-    a("--gen-max-length", type=int, default=50)
-    a("--num-workers", type=int, default=0)
-    return p.parse_args(argv)
+import train  # noqa: E402
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    # The same flags (names, defaults, checks) as train.py, so both programs get the same run.
+    args = train.parse_args(argv, output_dir="bench-trainer-out")
+    train.hub.offline_unless_needed(*[n for n in (args.dataset, args.model) if n != "synthetic" and n not in train.TINY])
     import datasets
     import jiwer
     import torch
@@ -53,25 +30,13 @@ def main(argv=None):
 
     import data
     import metrics
-    from model import build_tiny_git, is_tiny, load_model
-    from train import cpu_has_bf16_units
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()  # weight-loading bars; the Trainer keeps its own
+    datasets.disable_progress_bars()
 
-    source = data.load_source(args.dataset, seed=args.seed, synthetic_size=args.synthetic_size)
-    train_table, eval_table = data.split_source(source, args.test_size, args.seed)
-    train_images, train_captions = data.read_rows(train_table, args.image_column, args.text_column, "train")
-    eval_images, eval_captions = data.read_rows(eval_table, args.image_column, args.text_column, "eval")
-
-    if is_tiny(args.model):
-        init_dir = os.path.join(args.output_dir, "init-model")
-        build_tiny_git([c for refs in train_captions for c in refs], init_dir, preset=args.model, seed=args.seed)
-        model, processor = load_model(init_dir)
-    else:
-        model, processor = load_model(args.model)
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    train_images, train_captions, eval_images, eval_captions = train.load_splits(args)
+    model, processor = train.load_or_build_model(args, train_captions)
 
     # The recipe trains on one caption per image: the first reference, as train.py evaluates.
     def table(images, captions):
@@ -100,7 +65,8 @@ def main(argv=None):
         return {"wer_score": jiwer.wer(decoded_labels, decoded_predictions)}  # = evaluate.load("wer")
 
     on_cuda = torch.cuda.is_available()
-    precision = "fp16" if on_cuda else "bf16" if cpu_has_bf16_units() else "fp32"
+    amp, _ = train.pick_precision(args.precision, torch.device("cuda" if on_cuda else "cpu"))
+    precision = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[amp]
     print(f"precision: {precision}", flush=True)
     training_args = TrainingArguments(
         output_dir=args.output_dir,
@@ -113,7 +79,11 @@ def main(argv=None):
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.eval_batch_size,
         gradient_accumulation_steps=args.grad_accum,
-        save_total_limit=3,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        lr_scheduler_type=args.lr_schedule,
+        max_grad_norm=args.max_grad_norm,
+        save_total_limit=args.save_total_limit,
         eval_strategy="steps",
         eval_steps=args.eval_steps,
         save_strategy="steps",
@@ -138,7 +108,6 @@ def main(argv=None):
     # Honest evaluation: captions the (best) model writes itself, scored as train.py scores them.
     model = trainer.model
     model.eval()
-    amp = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     pixels = data.pixel_values(processor.image_processor, eval_images)
     predictions = []
     with torch.no_grad(), torch.autocast(model.device.type, dtype=amp or torch.float32, enabled=amp is not None):

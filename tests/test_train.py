@@ -30,18 +30,18 @@ def history(out, step):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    """A tiny GIT trained from scratch (tokenizer learned from the captions) for 80 steps."""
+    """A tiny GIT trained from scratch (tokenizer learned from the captions) for 200 steps."""
     out = str(tmp_path_factory.mktemp("run"))
-    run_train(out, "--max-steps", "80", "--eval-steps", "20", "--save-steps", "40", "--warmup-steps", "10",
-              size=240)
+    run_train(out, "--max-steps", "200", "--eval-steps", "50", "--save-steps", "100", "--warmup-steps", "20",
+              "--learning-rate", "5e-4", size=400)
     return out
 
 
 def test_eval_wer_falls_during_a_short_run(trained_run):
-    wers = [h["wer"] for h in history(trained_run, 80)]
-    assert [h["step"] for h in history(trained_run, 80)] == [20, 40, 60, 80]
+    wers = [h["wer"] for h in history(trained_run, 200)]
+    assert [h["step"] for h in history(trained_run, 200)] == [50, 100, 150, 200]
     assert wers[-1] < wers[0] - 0.1, wers
-    assert sorted(os.listdir(trained_run)) == ["best", "checkpoint-40", "checkpoint-80", "init-model", "runs",
+    assert sorted(os.listdir(trained_run)) == ["best", "checkpoint-100", "checkpoint-200", "init-model", "runs",
                                                "training_args.json"]
 
 
@@ -75,7 +75,7 @@ def test_tensorboard_holds_the_scalars_and_example_images(trained_run):
     tags = events.Tags()
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/samples_per_second", "eval/loss", "eval/wer"):
         assert tag in tags["scalars"], tag
-    assert [e.step for e in events.Scalars("eval/wer")] == [20, 40, 60, 80]
+    assert [e.step for e in events.Scalars("eval/wer")] == [50, 100, 150, 200]
     assert "eval/example_0" in tags["images"]
 
 

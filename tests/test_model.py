@@ -1,0 +1,50 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoProcessor, GitForCausalLM
+
+from hub import looks_like_path
+from model import ModelLoadError, load_model
+
+
+def test_tiny_git_round_trips_through_from_pretrained(tiny_model_dir):
+    model, processor = load_model(tiny_model_dir)
+    assert isinstance(model, GitForCausalLM)
+    tok = processor.tokenizer
+    ids = tok("A small RED circle at the top left")["input_ids"]
+    assert ids[0] == tok.cls_token_id == model.config.bos_token_id
+    assert ids[-1] == tok.sep_token_id == model.config.eos_token_id
+    assert tok.pad_token_id == model.config.pad_token_id == 0
+    assert tok.decode(ids, skip_special_tokens=True) == "a small red circle at the top left"
+    assert "[UNK]" not in tok.convert_ids_to_tokens(ids)
+    pixels = processor(images=[__import__("data").synthetic_scene(0, 0)[0]], return_tensors="pt").pixel_values
+    assert pixels.shape == (1, 3, 64, 64)
+    # The same files load with the plain Auto classes a Hub user would call.
+    again = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    AutoProcessor.from_pretrained(tiny_model_dir)
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_tiny_vit_positions_start_as_sine_cosine_codes(tiny_model_dir):
+    model, _ = load_model(tiny_model_dir)
+    pos = model.git.image_encoder.vision_model.embeddings.position_embedding.weight
+    assert torch.all(pos[0] == 0)
+    # 8 x 8 patches, all with distinct codes of equal norm
+    assert torch.cdist(pos[1:], pos[1:]).fill_diagonal_(1).min() > 0.1
+    torch.testing.assert_close(pos[1:].norm(dim=1), pos[1:].norm(dim=1).mean().expand(64))
+
+
+def test_missing_or_unreachable_models_are_one_line_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(str(tmp_path / "absent"))
+    with pytest.raises(ModelLoadError, match="has no config.json"):
+        load_model(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="'nobody/no-such-git' is not a local folder") as e:
+        load_model("nobody/no-such-git")  # the tests run with HF_HUB_OFFLINE=1
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name,local", [("microsoft/git-base", False), ("git-base", False), ("./git-base", True),
+                                        ("/abs/model", True), ("out/run/best", True), ("folder/", True)])
+def test_local_paths_are_told_from_hub_ids(name, local):
+    assert looks_like_path(name) == local
