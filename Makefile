@@ -19,8 +19,8 @@ test: venv
 # A small GIT learns to caption drawn scenes from scratch, offline, on the CPU.
 demo: venv
 	$(PY) train.py --model tiny --dataset synthetic --synthetic-size 5000 --output-dir $(DEMO) --overwrite-output-dir \
-		--epochs 10 --learning-rate 1e-3 --warmup-steps 50 --batch-size 32 --grad-accum 1 \
-		--eval-steps 300 --save-steps 300 --logging-steps 100 --num-examples 2
+		--epochs 8 --learning-rate 3e-4 --warmup-steps 30 --batch-size 32 --grad-accum 1 \
+		--eval-steps 282 --save-steps 564 --logging-steps 94 --num-examples 2
 	$(PY) data.py synthetic --size 3 --seed 2026 --out $(DEMO)/unseen
 	@echo "--- captions for 3 scenes the model never saw ($(DEMO)/unseen/metadata.jsonl has the truth):"
 	$(PY) infer.py --model $(DEMO)/best $(DEMO)/unseen/000000.png $(DEMO)/unseen/000001.png $(DEMO)/unseen/000002.png

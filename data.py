@@ -279,10 +279,12 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.n - self.start
 
 
-def make_loader(dataset, batch_size, sampler, pad_id, num_workers=0, pin_memory=False):
+def make_loader(dataset, batch_size, sampler, pad_id, num_workers=0, pin_memory=False, seed=0):
+    # A generator of its own: otherwise every new iterator draws a worker seed from the global
+    # RNG, and a resumed run (which starts a fresh iterator mid-epoch) would get other dropout masks.
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-        collate_fn=functools.partial(collate, pad_id=pad_id))
+        collate_fn=functools.partial(collate, pad_id=pad_id), generator=torch.Generator().manual_seed(seed))
 
 
 def main(argv=None):

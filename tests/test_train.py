@@ -87,9 +87,10 @@ def test_rotation_keeps_the_newest_and_the_best(tmp_path, tiny_model_dir):
     assert kept == sorted({12, best_step})
 
 
-def test_resume_continues_exactly_where_the_checkpoint_left_off(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_resume_continues_exactly_where_the_checkpoint_left_off(tmp_path, tiny_model_dir, workers):
     # 160 scenes -> 144 for training -> 9 steps an epoch: step 4 is mid-epoch, step 12 in the next one.
-    args = ["--max-steps", "12", "--save-steps", "4", "--eval-steps", "100"]
+    args = ["--max-steps", "12", "--save-steps", "4", "--eval-steps", "100", "--num-workers", workers]
     run_train(tmp_path / "full", *args, model=tiny_model_dir)
     os.makedirs(tmp_path / "resumed")
     shutil.copytree(tmp_path / "full" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
