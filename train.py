@@ -273,7 +273,10 @@ def main(argv=None):
     elif args.overwrite_output_dir:
         for name in [os.path.basename(p) for _, p in existing] + ["best", "runs"]:
             shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
-    os.makedirs(args.output_dir, exist_ok=True)
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"--output-dir {args.output_dir!r}: {e.strerror}")
 
     # ---- data and model
     print(f"loading dataset {args.dataset!r}", flush=True)
