@@ -35,7 +35,8 @@ def build_tiny_git(captions, out_dir, preset="tiny", vocab_size=2000, seed=0):
     wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
     wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    wordpiece.train_from_iterator(captions, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    wordpiece.train_from_iterator(captions, trainer)
     tokenizer = BertTokenizerFast(vocab=wordpiece.get_vocab(), do_lower_case=True)
     tokenizer.model_max_length = TINY_PRESETS[preset]["text"]["max_position_embeddings"]
 
