@@ -165,3 +165,14 @@ def test_bad_images_name_the_file(tmp_path):
     (tmp_path / "text.png").write_text("not an image")
     with pytest.raises(data.DataError, match="text.png: not a readable image"):
         data.open_image(str(tmp_path / "text.png"))
+
+
+def test_a_list_column_gives_several_references_per_image(tmp_path):
+    scenes = data.synthetic_dataset(6, seed=2)
+    refs = [[t, t.upper() + "!"] for t in scenes["text"]]
+    table = datasets.Dataset.from_dict({"image": list(scenes["image"]), "captions": refs},
+                                       features=datasets.Features({"image": datasets.Image(),
+                                                                   "captions": datasets.Sequence(datasets.Value("string"))}))
+    table.save_to_disk(str(tmp_path / "multi"))
+    images, captions = data.read_rows(data.load_source(str(tmp_path / "multi")), "image", "captions", "train")
+    assert captions == refs and len(images) == 6
