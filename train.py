@@ -382,13 +382,13 @@ def main(argv=None):
             # Normalise by the target tokens of the whole accumulated batch, so every caption token
             # weighs the same however the batch was cut into micro-batches.
             n_tokens = sum(num_targets(b) for b in micro)
-            step_loss = 0.0
+            step_loss = torch.zeros((), device=device)
             for b in micro:
                 b = to_device(b, device)
                 with autocast():
                     loss = caption_loss(model, b, n_tokens)
                 scaler.scale(loss).backward()
-                step_loss += loss.item()
+                step_loss += loss.detach()  # no .item() here: one device sync per step, not per micro-batch
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
             scaler.step(optimizer)
@@ -398,6 +398,7 @@ def main(argv=None):
             step += 1
             bar.update(1)
 
+            step_loss = step_loss.item()
             window_loss += step_loss
             window_steps += 1
             window_samples += sum(len(b["index"]) for b in micro)
