@@ -63,6 +63,24 @@ def build_tiny_git(captions, out_dir, preset="tiny", vocab_size=2000, seed=0):
     return out_dir
 
 
+def cpu_has_bf16_units():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def pick_precision(name, device):
+    """(autocast dtype or None, whether to use a GradScaler)."""
+    import torch
+
+    if name == "auto":
+        name = "fp16" if device.type == "cuda" else "bf16" if cpu_has_bf16_units() else "fp32"
+    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[name], name == "fp16"
+
+
 def sincos_2d(grid, dim):
     """(grid*grid, dim) codes: half the channels encode the row, half the column."""
     import torch

@@ -22,6 +22,7 @@ import time
 
 import hub
 from model import TINY_PRESETS as TINY
+from model import pick_precision
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -99,24 +100,6 @@ def pick_device(name):
     if name == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for, but no CUDA GPU is available")
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else name if name != "auto" else "cpu")
-
-
-def cpu_has_bf16_units():
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def pick_precision(name, device):
-    """(autocast dtype or None, whether to use a GradScaler)."""
-    import torch
-
-    if name == "auto":
-        name = "fp16" if device.type == "cuda" else "bf16" if cpu_has_bf16_units() else "fp32"
-    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[name], name == "fp16"
 
 
 def lr_factor(schedule, warmup, total):

@@ -60,7 +60,7 @@ def test_best_model_loads_with_from_pretrained_and_infer_gives_its_captions(trai
 
     (tmp_path / "notes.png").write_text("this is text, not a PNG")
     missing = str(tmp_path / "missing.png")
-    args = [sys.executable, os.path.join(ROOT, "infer.py"), "--model", best, paths[0], missing,
+    args = [sys.executable, os.path.join(ROOT, "infer.py"), "--model", best, "--precision", "fp32", paths[0], missing,
             str(tmp_path / "notes.png"), paths[1], paths[2]]
     proc = subprocess.run(args, capture_output=True, text=True, cwd=str(tmp_path))
     assert proc.returncode == 1
