@@ -37,8 +37,26 @@ def write_atomically(final_dir, write):
         os.rename(tmp, final_dir)
 
 
-def save_model(out_dir, model, processor):
-    write_atomically(out_dir, lambda d: (model.save_pretrained(d), processor.save_pretrained(d)))
+def save_model(out_dir, model, processor, card=None):
+    def write(d):
+        model.save_pretrained(d)
+        processor.save_pretrained(d)
+        write_card(d, card)
+
+    write_atomically(out_dir, write)
+
+
+def write_card(folder, card):
+    if card is not None:
+        with open(os.path.join(folder, "README.md"), "w") as f:
+            f.write(card)
+
+
+def write_file_atomically(path, text):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def rng_state():
@@ -61,12 +79,13 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(output_dir, step, model, processor, training_state, summary):
+def save_checkpoint(output_dir, step, model, processor, training_state, summary, card=None):
     path = os.path.join(output_dir, f"checkpoint-{step}")
 
     def write(d):
         model.save_pretrained(d)
         processor.save_pretrained(d)
+        write_card(d, card)
         torch.save(training_state, os.path.join(d, STATE_FILE))
         with open(os.path.join(d, "trainer_state.json"), "w") as f:
             json.dump(summary, f, indent=2)

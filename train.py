@@ -216,6 +216,24 @@ def caption_card(image, prediction, reference):
     return np.asarray(card)
 
 
+def draw_curves(path, train_log, history):
+    """Train loss and eval WER against optimizer step, one PNG for people who do not run TensorBoard."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    left.plot([s for s, _ in train_log], [v for _, v in train_log], marker=".")
+    left.set(title="train loss", xlabel="optimizer step")
+    right.plot([h["step"] for h in history], [h["wer"] for h in history], marker="o", color="tab:red")
+    right.set(title="eval WER (generated captions)", xlabel="optimizer step")
+    fig.tight_layout()
+    fig.savefig(f"{path}.tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(f"{path}.tmp.png", path)
+
+
 def main(argv=None):
     args = parse_args(argv)
     hub.offline_unless_needed(*[n for n in (args.dataset, args.model) if n != "synthetic" and n not in TINY])
@@ -229,6 +247,7 @@ def main(argv=None):
     import checkpoint
     import data
     import metrics
+    from card import model_card
     from model import ModelLoadError
 
     transformers.logging.set_verbosity_error()  # the PIL-backend notice on every processor load is noise
@@ -300,7 +319,7 @@ def main(argv=None):
         return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
     step, epoch, batches_done, best = 0, 0, 0, {"wer": None, "step": None}
-    history = []
+    history, train_log = [], []  # evaluations, and (step, mean train loss) at each logging step
     if resume_from:
         state = checkpoint.load_training_state(resume_from)
         optimizer.load_state_dict(state["optimizer"])
@@ -308,7 +327,7 @@ def main(argv=None):
         scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         step, epoch, batches_done, best = state["step"], state["epoch"], state["batches_done"], state["best"]
-        history = state.get("history", [])
+        history, train_log = state["history"], state["train_log"]
         print(f"resumed from {resume_from} at step {step} (epoch {epoch}, batch {batches_done})", flush=True)
 
     writer = SummaryWriter(os.path.join(args.output_dir, "runs"), purge_step=step if resume_from else None)
@@ -332,17 +351,27 @@ def main(argv=None):
                                                      for k in range(min(args.num_examples, len(predictions)))), step)
         tqdm.write("\n".join(lines))
         history.append({"step": step, "eval_loss": eval_loss, **scores})
+        checkpoint.write_file_atomically(os.path.join(args.output_dir, "metrics.jsonl"),
+                                         "".join(json.dumps(h) + "\n" for h in history))
         if best["wer"] is None or scores["wer"] < best["wer"]:
             best.update(wer=scores["wer"], step=step)
-            checkpoint.save_model(os.path.join(args.output_dir, "best"), model, processor)
+            best_dir = os.path.join(args.output_dir, "best")
+            checkpoint.save_model(best_dir, model, processor, card=card_for(best_dir, history[-1]))
         return scores
+
+    def card_for(where, evaluation):
+        scores = {k: v for k, v in evaluation.items() if k != "step"} if evaluation else None
+        return model_card(where, args, step, scores, {"train": len(train_set), "eval": len(eval_set)})
 
     def save():
         state = {"step": step, "epoch": epoch, "batches_done": batches_done, "best": dict(best),
-                 "history": list(history), "optimizer": optimizer.state_dict(),
+                 "history": list(history), "train_log": list(train_log), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": checkpoint.rng_state()}
         summary = {"step": step, "epoch": epoch + batches_done / batches_per_epoch, "best": best, "history": history}
-        path = checkpoint.save_checkpoint(args.output_dir, step, model, processor, state, summary)
+        path = os.path.join(args.output_dir, f"checkpoint-{step}")
+        evaluation = history[-1] if history and history[-1]["step"] == step else None
+        checkpoint.save_checkpoint(args.output_dir, step, model, processor, state, summary,
+                                   card=card_for(path, evaluation))
         checkpoint.rotate_checkpoints(args.output_dir, args.save_total_limit, keep_step=best["step"])
         tqdm.write(f"saved {path}")
 
@@ -390,6 +419,7 @@ def main(argv=None):
             if step % args.logging_steps == 0 or step == max_steps:
                 speed = window_samples / (time.time() - window_t0)
                 writer.add_scalar("train/loss", window_loss / window_steps, step)
+                train_log.append((step, window_loss / window_steps))
                 writer.add_scalar("train/lr", lr, step)
                 writer.add_scalar("train/grad_norm", float(grad_norm), step)
                 writer.add_scalar("train/samples_per_second", speed, step)
@@ -413,6 +443,7 @@ def main(argv=None):
     if last_save != step:
         save()
     writer.close()
+    draw_curves(os.path.join(args.output_dir, "curves.png"), train_log, history)
     print(f"done: {step} steps | best eval wer {best['wer']:.4f} at step {best['step']} | "
           f"best model in {os.path.join(args.output_dir, 'best')} | "
           f"tensorboard --logdir {os.path.join(args.output_dir, 'runs')}", flush=True)

@@ -5,8 +5,10 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoProcessor
@@ -41,8 +43,30 @@ def test_eval_wer_falls_during_a_short_run(trained_run):
     wers = [h["wer"] for h in history(trained_run, 200)]
     assert [h["step"] for h in history(trained_run, 200)] == [50, 100, 150, 200]
     assert wers[-1] < wers[0] - 0.1, wers
-    assert sorted(os.listdir(trained_run)) == ["best", "checkpoint-100", "checkpoint-200", "init-model", "runs",
-                                               "training_args.json"]
+    assert sorted(os.listdir(trained_run)) == ["best", "checkpoint-100", "checkpoint-200", "curves.png", "init-model",
+                                               "metrics.jsonl", "runs", "training_args.json"]
+    with open(os.path.join(trained_run, "metrics.jsonl")) as f:
+        assert [json.loads(line) for line in f] == history(trained_run, 200)
+    curves = Image.open(os.path.join(trained_run, "curves.png"))
+    assert curves.size == (1000, 350) and np.asarray(curves.convert("L")).std() > 5
+
+
+def test_model_card_has_hub_metadata_and_a_usage_snippet_that_runs(trained_run, tmp_path):
+    best = os.path.join(trained_run, "best")
+    card = open(os.path.join(best, "README.md")).read()
+    header, body = card.split("---\n")[1], card.split("---\n", 2)[2]
+    for line in ("library_name: transformers", "pipeline_tag: image-to-text", "- wer"):
+        assert line in header.splitlines()
+    best_wer = min(h["wer"] for h in history(trained_run, 200))
+    assert f"value: {best_wer:.4f}" in header
+    assert os.path.isfile(os.path.join(trained_run, "checkpoint-200", "README.md"))
+    snippet = body.split("```python\n")[1].split("```")[0]
+    data.synthetic_scene(5, 0)[0].save(tmp_path / "image.png")
+    proc = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    expected = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), "--model", best, "--precision", "fp32",
+                               "image.png"], capture_output=True, text=True, cwd=str(tmp_path)).stdout
+    assert proc.stdout.strip() == expected.split("\t")[1].strip()
 
 
 def test_best_model_loads_with_from_pretrained_and_infer_gives_its_captions(trained_run, tmp_path):

@@ -1,0 +1,59 @@
+"""Model cards in the Hugging Face Hub's format, written into best/ and every checkpoint."""
+import json
+import os
+
+from hub import looks_like_path
+
+CARD_FLAGS = ("dataset", "model", "epochs", "max_steps", "learning_rate", "lr_schedule", "warmup_steps",
+              "weight_decay", "batch_size", "grad_accum", "max_grad_norm", "precision", "max_text_length",
+              "gen_max_length", "seed")
+
+
+def model_card(where, args, step, scores, data_sizes, repo_id=None):
+    """README.md text for the model saved at `where` (loaded by that path, or by repo_id once pushed)."""
+    name = repo_id or os.path.abspath(where)
+    hub_dataset = args.dataset if args.dataset != "synthetic" and not looks_like_path(args.dataset) else None
+    hub_model = args.model if args.model != "tiny" and not looks_like_path(args.model) else None
+    header = ["---", "library_name: transformers", "pipeline_tag: image-to-text",
+              "tags:", "- image-captioning", "- git"]
+    if hub_model:
+        header.append(f"base_model: {hub_model}")
+    if hub_dataset:
+        header += ["datasets:", f"- {hub_dataset}"]
+    header += ["metrics:", "- wer"]
+    if scores:
+        header += [
+            "model-index:", f"- name: {os.path.basename(name.rstrip('/'))}", "  results:",
+            "  - task:", "      type: image-to-text", "      name: Image captioning",
+            "    dataset:", f"      name: {hub_dataset or os.path.basename(args.dataset.rstrip('/'))}",
+            f"      type: {hub_dataset or 'local'}", "      split: held-out", "    metrics:",
+        ]
+        for key, label in (("wer", "WER"), ("cer", "CER")):
+            if key in scores:
+                header += [f"    - type: {key}", f"      value: {scores[key]:.4f}",
+                           f"      name: {label} of generated captions"]
+    header.append("---")
+
+    what = ("A small GIT trained from scratch (`--model tiny`)" if args.model == "tiny"
+            else f"GIT (`{args.model}`) fine-tuned")
+    lines = [f"# {os.path.basename(name.rstrip('/'))}", "",
+             f"{what} to caption images with train.py, a plain PyTorch loop, on `{args.dataset}`: "
+             f"{data_sizes['train']} training images, {data_sizes['eval']} held out.", ""]
+    if scores:
+        lines += ["## Evaluation", "",
+                  f"Captions written by `model.generate(max_length={args.gen_max_length})` on the held-out "
+                  f"images, scored against their reference captions (lower-cased, punctuation removed), "
+                  f"at optimizer step {step}:", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in scores.items() if isinstance(v, float)]
+        lines.append("")
+    lines += ["## Usage", "", "```python", "from PIL import Image",
+              "from transformers import AutoModelForCausalLM, AutoProcessor", "",
+              f"model = AutoModelForCausalLM.from_pretrained({name!r})",
+              f"processor = AutoProcessor.from_pretrained({name!r})",
+              'image = Image.open("image.png").convert("RGB")',
+              'pixel_values = processor(images=image, return_tensors="pt").pixel_values',
+              f"ids = model.generate(pixel_values=pixel_values, max_length={args.gen_max_length})",
+              "print(processor.batch_decode(ids, skip_special_tokens=True)[0])", "```", "",
+              "## Training arguments", "", "```json",
+              json.dumps({k: getattr(args, k) for k in CARD_FLAGS if hasattr(args, k)}, indent=2), "```", ""]
+    return "\n".join(header) + "\n" + "\n".join(lines)
