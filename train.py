@@ -68,10 +68,16 @@ def parse_args(argv=None, **defaults):
     a("--max-text-length", type=int, default=64, help="captions are truncated to this many tokens")
     a("--gen-max-length", type=int, default=50, help="max_length for model.generate at evaluation")
     a("--num-examples", type=int, default=3, help="example captions printed and logged per evaluation")
+    a("--push-to-hub", action="store_true", help="upload best/ with its model card to the Hub at the end")
+    a("--hub-model-id", default=None, help="owner/name of the Hub repo (default: the --output-dir folder name)")
+    a("--hub-strategy", choices=("end", "every_save"), default="end",
+      help="every_save: also upload best/ after each checkpoint")
     a("--resume", "--resume-from-checkpoint", dest="resume", nargs="?", const="latest", default=None,
       help="continue from the newest checkpoint in --output-dir (or from the folder given)")
     p.set_defaults(**defaults)
     args = p.parse_args(argv)
+    if args.hub_model_id is None:
+        args.hub_model_id = os.path.basename(os.path.abspath(args.output_dir))
     for name in ("batch_size", "eval_batch_size", "grad_accum", "eval_steps", "save_steps", "logging_steps",
                  "max_text_length", "gen_max_length", "synthetic_size"):
         if getattr(args, name) <= 0:
@@ -236,7 +242,10 @@ def draw_curves(path, train_log, history):
 
 def main(argv=None):
     args = parse_args(argv)
-    hub.offline_unless_needed(*[n for n in (args.dataset, args.model) if n != "synthetic" and n not in TINY])
+    if args.push_to_hub and hub.push_problem():
+        fail(f"--push-to-hub: {hub.push_problem()}")  # before hours of training, not after
+    if not args.push_to_hub:
+        hub.offline_unless_needed(*[n for n in (args.dataset, args.model) if n != "synthetic" and n not in TINY])
     # Heavy imports after argument parsing, so --help and flag errors answer at once.
     import torch
     from torch.utils.tensorboard import SummaryWriter
@@ -361,7 +370,16 @@ def main(argv=None):
 
     def card_for(where, evaluation):
         scores = {k: v for k, v in evaluation.items() if k != "step"} if evaluation else None
-        return model_card(where, args, step, scores, {"train": len(train_set), "eval": len(eval_set)})
+        return model_card(where, args, step, scores, {"train": len(train_set), "eval": len(eval_set)},
+                          repo_id=args.hub_model_id if args.push_to_hub and where.endswith("best") else None)
+
+    def push(message):
+        """Upload best/; a failure is reported and remembered, never fatal: everything stays on disk."""
+        problem = hub.push_folder(os.path.join(args.output_dir, "best"), args.hub_model_id, message)
+        if problem:
+            tqdm.write(f"error: --push-to-hub: could not upload {os.path.join(args.output_dir, 'best')} "
+                       f"to {args.hub_model_id!r} ({problem}); the model is saved on disk")
+        return problem is None
 
     def save():
         state = {"step": step, "epoch": epoch, "batches_done": batches_done, "best": dict(best),
@@ -374,6 +392,8 @@ def main(argv=None):
                                    card=card_for(path, evaluation))
         checkpoint.rotate_checkpoints(args.output_dir, args.save_total_limit, keep_step=best["step"])
         tqdm.write(f"saved {path}")
+        if args.push_to_hub and args.hub_strategy == "every_save":
+            push(f"best model at step {best['step']} (training step {step})")
 
     # ---- the loop: one iteration = one optimizer step over grad_accum micro-batches
     model.train()
@@ -447,6 +467,10 @@ def main(argv=None):
     print(f"done: {step} steps | best eval wer {best['wer']:.4f} at step {best['step']} | "
           f"best model in {os.path.join(args.output_dir, 'best')} | "
           f"tensorboard --logdir {os.path.join(args.output_dir, 'runs')}", flush=True)
+    if args.push_to_hub:
+        if not push(f"best model: eval WER {best['wer']:.4f} at step {best['step']}"):
+            sys.exit(1)
+        print(f"uploaded {os.path.join(args.output_dir, 'best')} to {args.hub_model_id}", flush=True)
     return best
 
 

@@ -1,4 +1,6 @@
 import glob
+import http.server
+import threading
 import json
 import os
 import shutil
@@ -200,3 +202,45 @@ def test_bad_flags_and_missing_model_are_one_line_errors(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], (args, proc.stderr)
         assert "Traceback" not in proc.stderr
+
+
+class Refuse(http.server.BaseHTTPRequestHandler):
+    """A stand-in Hub that answers every request 401, as the real one does to a bad token."""
+    def handle_one_request(self):
+        try:
+            super().handle_one_request()
+        except ConnectionError:
+            pass
+
+    def _refuse(self):
+        self.send_response(401)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_POST = do_PUT = do_HEAD = _refuse
+
+    def log_message(self, *a):
+        pass
+
+
+def test_push_to_hub_failure_is_one_line_and_keeps_the_results(tmp_path, tiny_model_dir):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", HF_TOKEN="hf_not_a_real_token",
+               HF_HOME=str(tmp_path / "hf-home"))
+    out = tmp_path / "run"
+    try:
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "synthetic",
+                               "--synthetic-size", "40", "--model", tiny_model_dir, "--output-dir", str(out),
+                               "--max-steps", "2", "--batch-size", "8", "--precision", "fp32", "--push-to-hub",
+                               "--hub-model-id", "someone/tiny-captioner"], capture_output=True, text=True, env=env,
+                              timeout=300)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "could not upload" in errors[0] and "someone/tiny-captioner" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert os.path.isfile(out / "best" / "model.safetensors") and os.path.isdir(out / "checkpoint-2")
+    assert "from_pretrained('someone/tiny-captioner')" in (out / "best" / "README.md").read_text()
