@@ -31,8 +31,15 @@ def pictures(tmp_path_factory):
     scenes[1].convert("L").save(root / "b.jpg")
     scenes[2].convert("P").save(root / "c.png")
     scenes[3].convert("CMYK").save(root / "d.jpg")
+    rgba = scenes[4].convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(root / "e.png")
+    Image.fromarray((np.asarray(scenes[5].convert("L"), dtype=np.uint16) * 257)).save(root / "f16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees to display"
+    scenes[0].resize((128, 96)).save(root / "g_exif.jpg", exif=exif.tobytes())
     os.makedirs(root / "sub")
-    scenes[4].save(root / "sub" / "e.png")
+    scenes[4].save(root / "sub" / "h.png")
     big = Image.fromarray(np.random.default_rng(0).integers(0, 255, (4000, 6000, 3), dtype=np.uint8))
     big.save(root / "sub" / "large.jpg", quality=70)
     bad = tmp_path_factory.mktemp("bad")
@@ -47,10 +54,10 @@ def pictures(tmp_path_factory):
 def test_folders_expand_sorted_and_recursive_on_request(pictures):
     root, _ = pictures
     flat = infer.expand_inputs([str(root)])
-    assert [os.path.basename(p) for p in flat] == ["a.png", "b.jpg", "c.png", "d.jpg"]
+    names = ["a.png", "b.jpg", "c.png", "d.jpg", "e.png", "f16.png", "g_exif.jpg"]
+    assert [os.path.basename(p) for p in flat] == names
     deep = infer.expand_inputs([str(root), str(root / "a.png")], recursive=True)
-    assert [os.path.relpath(p, root) for p in deep] == ["a.png", "b.jpg", "c.png", "d.jpg", "sub/e.png",
-                                                        "sub/large.jpg", "a.png"]
+    assert [os.path.relpath(p, root) for p in deep] == names + ["sub/h.png", "sub/large.jpg", "a.png"]
 
 
 def test_cli_captions_good_inputs_and_reports_each_bad_one(pictures, tiny_model_dir, tmp_path):
@@ -61,10 +68,11 @@ def test_cli_captions_good_inputs_and_reports_each_bad_one(pictures, tiny_model_
                str(bad / "missing.png"))
     assert proc.returncode == 1, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [os.path.basename(r["image"]) for r in rows] == ["a.png", "b.jpg", "c.png", "d.jpg", "e.png", "large.jpg",
-                                                            "empty.png", "text.png", "truncated.jpg", "missing.png"]
-    assert all(r["error"] is None and r["caption"] and r["captions"] == [r["caption"]] for r in rows[:6])
-    assert all(r["error"] and r["caption"] is None for r in rows[6:])
+    assert [os.path.basename(r["image"]) for r in rows] == ["a.png", "b.jpg", "c.png", "d.jpg", "e.png", "f16.png",
+                                                            "g_exif.jpg", "h.png", "large.jpg", "empty.png",
+                                                            "text.png", "truncated.jpg", "missing.png"]
+    assert all(r["error"] is None and r["caption"] and r["captions"] == [r["caption"]] for r in rows[:9])
+    assert all(r["error"] and r["caption"] is None for r in rows[9:])
     errors = proc.stderr.strip().splitlines()
     assert len(errors) == 4 and "Traceback" not in proc.stderr
     for name, line in zip(["empty.png", "text.png", "truncated.jpg", "missing.png"], errors):
