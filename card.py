@@ -20,7 +20,7 @@ def model_card(where, args, step, scores, data_sizes, repo_id=None):
         header.append(f"base_model: {hub_model}")
     if hub_dataset:
         header += ["datasets:", f"- {hub_dataset}"]
-    header += ["metrics:", "- wer"]
+    header += ["metrics:", "- wer", "- bleu", "- rouge", "- cider"]
     if scores:
         header += [
             "model-index:", f"- name: {os.path.basename(name.rstrip('/'))}", "  results:",
@@ -28,7 +28,8 @@ def model_card(where, args, step, scores, data_sizes, repo_id=None):
             "    dataset:", f"      name: {hub_dataset or os.path.basename(args.dataset.rstrip('/'))}",
             f"      type: {hub_dataset or 'local'}", "      split: held-out", "    metrics:",
         ]
-        for key, label in (("wer", "WER"), ("cer", "CER")):
+        for key, label in (("wer", "WER"), ("cer", "CER"), ("bleu4", "BLEU-4"), ("rouge_l", "ROUGE-L"),
+                           ("cider_d", "CIDEr-D")):
             if key in scores:
                 header += [f"    - type: {key}", f"      value: {scores[key]:.4f}",
                            f"      name: {label} of generated captions"]

@@ -1,22 +1,45 @@
 """Score generated captions against references.
 
+    python metrics.py --predictions captions.jsonl --references refs.jsonl          # "name value" lines
+    python metrics.py --predictions captions.jsonl --references refs.jsonl --json   # one JSON object
+
+From Python: `caption_scores(predictions, references)` gives {"wer", "cer", "bleu4", "rouge_l", "cider_d"}
+for predictions[i] against references[i] (a string or a list of strings).
+
+One normalisation for every metric, applied alike to predictions and references: `normalize` lower-cases,
+removes punctuation (characters that are neither letters, digits, underscore nor whitespace) and
+collapses whitespace. So "A Pikachu!" and "a pikachu" match exactly. Tokens are then the
+whitespace-separated words of the normalised text. An empty prediction scores as an empty caption;
+an empty reference is an error naming the row.
+
 WER is corpus-level: the edits (substitutions + deletions + insertions) of all captions added up,
 divided by the words of all references added up; the number `evaluate.load("wer")` and
 `jiwer.wer(references, predictions)` give on the same strings. CER is the same over characters.
-
-Both sides are normalised alike before scoring: lower-cased, punctuation removed (characters that
-are neither letters, digits, underscore nor whitespace), whitespace collapsed. So "A Pikachu!" and
-"a pikachu" match exactly.
-
 Several references per image: each prediction is scored against its closest reference, the one
 with the fewest word edits (ties: the longer reference); CER uses that same reference. An empty
-prediction counts as deleting every reference word. An empty reference is an error naming the row.
-"""
-import re
+prediction counts as deleting every reference word.
 
-import jiwer
+The other three use all references of each image and are on a 0-1 scale, except CIDEr-D:
+- bleu4: corpus BLEU-4 by sacrebleu, tokenize="none" (the text is already normalised, so it is split
+  on whitespace only), no smoothing (as COCO and NLTK's corpus BLEU), closest reference length for the
+  brevity penalty; sacrebleu's 0-100 score divided by 100.
+- rouge_l: ROUGE-L as the COCO caption evaluation computes it: per image the LCS precision and the
+  LCS recall each maximised over the references, combined as an F-measure with beta=1.2; averaged
+  over images.
+- cider_d: CIDEr-D as the COCO caption evaluation computes it (its "CIDEr" scorer is CIDEr-D):
+  TF-IDF vectors of 1- to 4-grams, IDF from the references of the scored set itself, hypothesis
+  weights clipped to the reference's, Gaussian length penalty with sigma=6, averaged over references
+  and n, times 10. With a single image every IDF is 0, so is the score: score a set, not one caption.
+"""
+import argparse
+import json
+import math
+import re
+import sys
+from collections import Counter
 
 _PUNCT = re.compile(r"[^\w\s]")
+NAMES = ("wer", "cer", "bleu4", "rouge_l", "cider_d")
 
 
 def normalize(text):
@@ -24,16 +47,27 @@ def normalize(text):
 
 
 def caption_scores(predictions, references):
-    """{"wer", "cer"} for predictions[i] against references[i] (a string or a list of strings)."""
+    """{"wer", "cer", "bleu4", "rouge_l", "cider_d"} for predictions[i] against references[i]
+    (a string or a list of strings)."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-    word_edits = words = char_edits = chars = 0
+    hyps, all_refs = [], []
     for row, (pred, refs) in enumerate(zip(predictions, references)):
         refs = [refs] if isinstance(refs, str) else list(refs)
         refs = [normalize(r) for r in refs]
         if not refs or not all(refs):
             raise ValueError(f"row {row}: empty reference caption")
-        hyp = normalize(pred)
+        hyps.append(normalize(pred))
+        all_refs.append(refs)
+    if not hyps:
+        return dict.fromkeys(NAMES, 0.0)
+    return {**_wer_cer(hyps, all_refs), "bleu4": _bleu4(hyps, all_refs),
+            "rouge_l": _rouge_l(hyps, all_refs), "cider_d": _cider_d(hyps, all_refs)}
+
+
+def _wer_cer(hyps, all_refs):
+    word_edits = words = char_edits = chars = 0
+    for hyp, refs in zip(hyps, all_refs):
         best = None
         for ref in refs:
             edits = _word_edits(ref, hyp)
@@ -44,14 +78,13 @@ def caption_scores(predictions, references):
         words += best[1]
         char_edits += _char_edits(best[2], hyp)
         chars += len(best[2])
-    if words == 0:
-        return {"wer": 0.0, "cer": 0.0}
     return {"wer": word_edits / words, "cer": char_edits / chars}
 
 
 def _word_edits(ref, hyp):
     if not hyp:
         return len(ref.split())
+    import jiwer  # here, not at the top: the command line parses its arguments before heavy imports
     out = jiwer.process_words(ref, hyp)
     return out.substitutions + out.deletions + out.insertions
 
@@ -59,9 +92,162 @@ def _word_edits(ref, hyp):
 def _char_edits(ref, hyp):
     if not hyp:
         return len(ref)
+    import jiwer
     out = jiwer.process_characters(ref, hyp)
     return out.substitutions + out.deletions + out.insertions
 
 
 def wer(predictions, references):
     return caption_scores(predictions, references)["wer"]
+
+
+def _bleu4(hyps, all_refs):
+    import sacrebleu
+    # sacrebleu wants one stream per reference position; images with fewer references are padded
+    # with None, which it drops (an "" would count as a real, empty reference for the brevity penalty).
+    width = max(len(refs) for refs in all_refs)
+    streams = [[refs[k] if k < len(refs) else None for refs in all_refs] for k in range(width)]
+    bleu = sacrebleu.BLEU(tokenize="none", smooth_method="none", max_ngram_order=4)
+    return bleu.corpus_score(hyps, streams).score / 100
+
+
+def _lcs(a, b):
+    row = [0] * (len(b) + 1)
+    for x in a:
+        prev_diag, row[0] = 0, 0
+        for j, y in enumerate(b, 1):
+            prev_diag, row[j] = row[j], prev_diag + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def _rouge_l(hyps, all_refs, beta=1.2):
+    total = 0.0
+    for hyp, refs in zip(hyps, all_refs):
+        h = hyp.split()
+        if not h:
+            continue
+        lcs = [(_lcs(h, r.split()), len(r.split())) for r in refs]
+        # COCO maximises precision and recall separately over the references, then combines them
+        p = max(m / len(h) for m, _ in lcs)
+        r = max(m / n for m, n in lcs)
+        if p and r:
+            total += (1 + beta ** 2) * p * r / (r + beta ** 2 * p)
+    return total / len(hyps)
+
+
+def _ngrams(text, n=4):
+    words = text.split()
+    return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
+
+
+def _cider_d(hyps, all_refs, n=4, sigma=6.0):
+    hyp_counts = [_ngrams(h, n) for h in hyps]
+    ref_counts = [[_ngrams(r, n) for r in refs] for refs in all_refs]
+    # document frequency: in how many images' reference sets an n-gram occurs
+    df = Counter(g for counts in ref_counts for g in set().union(*counts))
+    log_images = math.log(len(hyps))
+
+    def tfidf(counts):  # one {ngram: weight} and its norm per n-gram length
+        vecs = [{} for _ in range(n)]
+        for g, tf in counts.items():
+            vecs[len(g) - 1][g] = tf * (log_images - math.log(max(1, df[g])))
+        return vecs, [math.sqrt(sum(w * w for w in v.values())) for v in vecs]
+
+    total = 0.0
+    for hyp, refs, hc, rcs in zip(hyps, all_refs, hyp_counts, ref_counts):
+        hv, hnorm = tfidf(hc)
+        score = 0.0
+        for ref, rc in zip(refs, rcs):
+            rv, rnorm = tfidf(rc)
+            penalty = math.exp(-((len(hyp.split()) - len(ref.split())) ** 2) / (2 * sigma ** 2))
+            for k in range(n):
+                if hnorm[k] and rnorm[k]:
+                    # clipping: a hypothesis n-gram earns at most the reference's own weight for it
+                    dot = sum(min(w, rv[k].get(g, 0.0)) * rv[k].get(g, 0.0) for g, w in hv[k].items())
+                    score += penalty * dot / (hnorm[k] * rnorm[k])
+        total += 10 * score / (n * len(refs))
+    return total / len(hyps)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + error
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class InputError(Exception):
+    pass
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--predictions", required=True,
+                   help='.jsonl of {"image", "caption"} as infer.py --output writes; a row with an "error" counts as empty')
+    p.add_argument("--references", required=True,
+                   help='.jsonl of {"image", "caption"} or {"image", "captions": [...]}; repeated images add references')
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of name value lines")
+    return p.parse_args(argv)
+
+
+def _read_jsonl(path):
+    """(line number, object) for each non-blank line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: {getattr(e, 'strerror', None) or e}")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{number}: not JSON: {e.msg}")
+        if not isinstance(row, dict) or not isinstance(row.get("image"), str):
+            raise InputError(f'{path}:{number}: expected an object with an "image" string')
+        yield number, row
+
+
+def load(predictions_path, references_path):
+    """(predictions, references) lists in prediction file order, matched by "image"."""
+    preds = {}
+    for number, row in _read_jsonl(predictions_path):
+        if row["image"] in preds:
+            raise InputError(f"{predictions_path}:{number}: image {row['image']!r} predicted twice")
+        caption = "" if row.get("error") is not None else row.get("caption")
+        if not isinstance(caption, str):
+            raise InputError(f'{predictions_path}:{number}: "caption" must be a string')
+        preds[row["image"]] = caption
+    if not preds:
+        raise InputError(f"{predictions_path}: no predictions")
+    refs = {}
+    for number, row in _read_jsonl(references_path):
+        captions = row["captions"] if "captions" in row else [row.get("caption")]
+        if not isinstance(captions, list) or not all(isinstance(c, str) and normalize(c) for c in captions):
+            raise InputError(f'{references_path}:{number}: "caption" must be a non-empty string '
+                             f'or "captions" a list of them')
+        refs.setdefault(row["image"], []).extend(captions)
+    for image in preds:  # references of images without a prediction are not scored
+        if not refs.get(image):
+            raise InputError(f"{references_path}: no reference for image {image!r} from {predictions_path}")
+    return list(preds.values()), [refs[image] for image in preds]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        scores = caption_scores(*load(args.predictions, args.references))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(scores))
+    else:
+        print("\n".join(f"{name} {scores[name]:.6f}" for name in NAMES))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,6 +25,7 @@ from model import TINY_PRESETS as TINY
 from model import pick_precision
 
 SCHEDULES = ("linear", "cosine", "constant")
+LOWER_IS_BETTER = ("wer", "cer", "eval_loss")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
@@ -67,6 +68,8 @@ def parse_args(argv=None, **defaults):
     a("--num-workers", type=int, default=0)
     a("--max-text-length", type=int, default=64, help="captions are truncated to this many tokens")
     a("--gen-max-length", type=int, default=50, help="max_length for model.generate at evaluation")
+    a("--metric-for-best", choices=tuple(LOWER_IS_BETTER) + ("bleu4", "rouge_l", "cider_d"), default="wer",
+      help="the evaluation score that picks best/ (and the checkpoint always kept)")
     a("--num-examples", type=int, default=3, help="example captions printed and logged per evaluation")
     a("--push-to-hub", action="store_true", help="upload best/ with its model card to the Hub at the end")
     a("--hub-model-id", default=None, help="owner/name of the Hub repo (default: the --output-dir folder name)")
@@ -327,7 +330,7 @@ def main(argv=None):
     def autocast():
         return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
-    step, epoch, batches_done, best = 0, 0, 0, {"wer": None, "step": None}
+    step, epoch, batches_done, best = 0, 0, 0, {"metric": args.metric_for_best, "value": None, "step": None}
     history, train_log = [], []  # evaluations, and (step, mean train loss) at each logging step
     if resume_from:
         state = checkpoint.load_training_state(resume_from)
@@ -348,8 +351,8 @@ def main(argv=None):
         eval_loss, predictions = evaluate(model, processor, eval_loader, device, autocast, args.gen_max_length)
         scores = metrics.caption_scores(predictions, eval_captions)
         writer.add_scalar("eval/loss", eval_loss, step)
-        writer.add_scalar("eval/wer", scores["wer"], step)
-        writer.add_scalar("eval/cer", scores["cer"], step)
+        for name, value in scores.items():
+            writer.add_scalar(f"eval/{name}", value, step)
         lines = [f"eval step {step}: loss {eval_loss:.4f} | wer {scores['wer']:.4f} | cer {scores['cer']:.4f} "
                  f"| {time.time() - t0:.1f}s"]
         for k in range(min(args.num_examples, len(predictions))):
@@ -362,8 +365,10 @@ def main(argv=None):
         history.append({"step": step, "eval_loss": eval_loss, **scores})
         checkpoint.write_file_atomically(os.path.join(args.output_dir, "metrics.jsonl"),
                                          "".join(json.dumps(h) + "\n" for h in history))
-        if best["wer"] is None or scores["wer"] < best["wer"]:
-            best.update(wer=scores["wer"], step=step)
+        value = history[-1][args.metric_for_best]
+        sign = 1 if args.metric_for_best in LOWER_IS_BETTER else -1
+        if best["value"] is None or sign * value < sign * best["value"]:
+            best.update(value=value, step=step)
             best_dir = os.path.join(args.output_dir, "best")
             checkpoint.save_model(best_dir, model, processor, card=card_for(best_dir, history[-1]))
         return scores
@@ -464,11 +469,11 @@ def main(argv=None):
         save()
     writer.close()
     draw_curves(os.path.join(args.output_dir, "curves.png"), train_log, history)
-    print(f"done: {step} steps | best eval wer {best['wer']:.4f} at step {best['step']} | "
+    print(f"done: {step} steps | best eval {best['metric']} {best['value']:.4f} at step {best['step']} | "
           f"best model in {os.path.join(args.output_dir, 'best')} | "
           f"tensorboard --logdir {os.path.join(args.output_dir, 'runs')}", flush=True)
     if args.push_to_hub:
-        if not push(f"best model: eval WER {best['wer']:.4f} at step {best['step']}"):
+        if not push(f"best model: eval {best['metric']} {best['value']:.4f} at step {best['step']}"):
             sys.exit(1)
         print(f"uploaded {os.path.join(args.output_dir, 'best')} to {args.hub_model_id}", flush=True)
     return best

@@ -1,7 +1,15 @@
+import json
+import math
+import os
+import subprocess
+import sys
+
 import jiwer
 import pytest
 
 from metrics import caption_scores, normalize, wer
+
+METRICS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "metrics.py")
 
 
 def test_wer_counts_edits_over_reference_words():
@@ -39,3 +47,116 @@ def test_empty_prediction_counts_all_deletions_and_empty_reference_is_an_error()
 
 def test_cer_counts_characters():
     assert caption_scores(["abd"], ["abc"])["cer"] == pytest.approx(1 / 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# BLEU-4, ROUGE-L, CIDEr-D
+
+def test_identical_caption_scores_one_and_unrelated_scores_zero():
+    same = caption_scores(["A red circle on the left."], ["a red circle on the left"])
+    assert same["bleu4"] == pytest.approx(1.0) and same["rouge_l"] == pytest.approx(1.0)
+    none = caption_scores(["big blue square"], ["a red circle on the left"])
+    assert none["bleu4"] == 0.0 and none["rouge_l"] == 0.0 and none["cider_d"] == 0.0
+
+
+def test_bleu_uses_every_reference_and_pads_missing_ones():
+    # the 4-gram "a red circle on" is only in the second reference of image 0; image 1 has one reference
+    refs = [["one two three four five", "a red circle on the left"], ["small green square near top"]]
+    scores = caption_scores(["a red circle on the left", "small green square near top"], refs)
+    assert scores["bleu4"] == pytest.approx(1.0)
+
+
+def test_rouge_l_by_hand():
+    # LCS("a red square", "a red circle") = 2: precision 2/3, recall 2/3, so F = 2/3 whatever beta
+    assert caption_scores(["a red square"], [["a red circle"]])["rouge_l"] == pytest.approx(2 / 3)
+    # precision 1 (from "a red"), recall 2/3: F = (1 + b^2) P R / (R + b^2 P) with b = 1.2
+    p, r, b2 = 1.0, 2 / 3, 1.44
+    assert caption_scores(["a red"], [["a red circle"]])["rouge_l"] == pytest.approx((1 + b2) * p * r / (r + b2 * p))
+
+
+def test_empty_input_scores_zero():
+    assert caption_scores([], []) == dict.fromkeys(["wer", "cer", "bleu4", "rouge_l", "cider_d"], 0.0)
+
+
+# Several images, varying numbers of references, repeated words, a 1-word and an empty prediction.
+PREDS = ["A red circle on the left!", "two blue squares, two blue squares", "a green triangle",
+         "", "circle", "a small yellow star above a red circle", "a red circle on the left"]
+REFS = [["a red circle on the left", "red circle at left side", "a circle that is red"],
+        ["two blue squares next to each other"],
+        ["a green triangle at the bottom", "green triangle", "a triangle coloured green", "triangle"],
+        ["a purple hexagon"],
+        ["a big circle", "one circle in the middle"],
+        ["a yellow star above a red circle", "star and circle"],
+        ["a blue circle on the right", "blue circle right"]]
+
+
+def test_rouge_l_and_cider_d_match_pycocoevalcap():
+    # pycocoevalcap 1.2's Cider is CIDEr-D (clipped, length-penalised, x10); its PTBTokenizer needs Java,
+    # so it gets our normalised strings, which it splits on whitespace.
+    rouge = pytest.importorskip("pycocoevalcap.rouge.rouge")
+    cider = pytest.importorskip("pycocoevalcap.cider.cider")
+    bleu = pytest.importorskip("pycocoevalcap.bleu.bleu")
+    gts = {i: [normalize(r) for r in refs] for i, refs in enumerate(REFS)}
+    res = {i: [normalize(p)] for i, p in enumerate(PREDS)}
+    ours = caption_scores(PREDS, REFS)
+    assert ours["rouge_l"] == pytest.approx(rouge.Rouge().compute_score(gts, res)[0], abs=1e-6)
+    assert ours["cider_d"] == pytest.approx(cider.Cider().compute_score(gts, res)[0], abs=1e-6)
+    # COCO's BLEU adds tiny epsilons to the n-gram counts, sacrebleu does not: equal to 1e-6 all the same
+    assert ours["bleu4"] == pytest.approx(bleu.Bleu(4).compute_score(gts, res, verbose=0)[0][3], abs=1e-6)
+    assert ours["cider_d"] > 0 and ours["bleu4"] > 0
+
+
+def test_cider_d_by_hand():
+    # Two images, one reference each, no shared n-grams across images: every reference n-gram has
+    # IDF log(2) - log(1), so the weights are log 2 times the counts. Image 0 is exact with 4 words:
+    # each n = 1..4 gives cosine 1, so 10. Image 1 "b" against "b c": only n=1 has hypothesis n-grams; cosine
+    # (log2 * log2) / (log2 * sqrt(2) log2) = 1/sqrt 2, length penalty exp(-1/72), mean over n=1..4 and x10.
+    score = caption_scores(["w x y z", "b"], ["w x y z", "b c"])["cider_d"]
+    assert score == pytest.approx((10 + 10 * math.exp(-1 / 72) / math.sqrt(2) / 4) / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, METRICS, *args], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def test_cli_matches_caption_scores(tmp_path):
+    preds = [{"image": f"{i}.png", "caption": p, "captions": [p], "error": None} for i, p in enumerate(PREDS)]
+    preds[3] = {"image": "3.png", "caption": None, "captions": None, "error": "cannot identify image file"}
+    # references as one line with "captions", or split over several lines with "caption"
+    refs = []
+    for i, rs in enumerate(REFS):
+        refs += [{"image": f"{i}.png", "captions": rs}] if i % 2 else [{"image": f"{i}.png", "caption": r} for r in rs]
+    refs.append({"image": "unpredicted.png", "caption": "ignored"})
+    p, r = write_jsonl(tmp_path / "p.jsonl", preds[::-1]), write_jsonl(tmp_path / "r.jsonl", refs)
+    expected = caption_scores(PREDS[::-1], REFS[::-1])
+    out = run_cli("--predictions", p, "--references", r, "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == pytest.approx(expected)
+    out = run_cli("--predictions", p, "--references", r)
+    assert out.returncode == 0, out.stderr
+    lines = [line.split() for line in out.stdout.splitlines()]
+    assert [name for name, _ in lines] == ["wer", "cer", "bleu4", "rouge_l", "cider_d"]
+    assert {name: float(v) for name, v in lines} == pytest.approx(expected, abs=1e-6)
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
+    p = write_jsonl(tmp_path / "p.jsonl", [{"image": "a.png", "caption": "x"}, {"image": "b.png", "caption": "y"}])
+    r = write_jsonl(tmp_path / "r.jsonl", [{"image": "a.png", "caption": "x"}])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"image": "a.png", "caption": "x"}, "{not json"])
+    for args, needle in [((p, str(tmp_path / "missing.jsonl")), "missing.jsonl"),
+                         ((bad, r), "bad.jsonl:2"),
+                         ((p, r), "'b.png'")]:
+        out = run_cli("--predictions", args[0], "--references", args[1])
+        assert out.returncode == 2 and out.stdout == ""
+        assert len(out.stderr.splitlines()) == 1 and needle in out.stderr and "Traceback" not in out.stderr
+    out = run_cli("--predictions", p)
+    assert out.returncode == 2 and len(out.stderr.splitlines()) == 1

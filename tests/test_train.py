@@ -99,7 +99,8 @@ def test_tensorboard_holds_the_scalars_and_example_images(trained_run):
     events = EventAccumulator(os.path.join(trained_run, "runs"))
     events.Reload()
     tags = events.Tags()
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/samples_per_second", "eval/loss", "eval/wer"):
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/samples_per_second", "eval/loss", "eval/wer",
+                "eval/cer", "eval/bleu4", "eval/rouge_l", "eval/cider_d"):
         assert tag in tags["scalars"], tag
     assert [e.step for e in events.Scalars("eval/wer")] == [50, 100, 150, 200]
     assert "eval/example_0" in tags["images"]
@@ -244,3 +245,37 @@ def test_push_to_hub_failure_is_one_line_and_keeps_the_results(tmp_path, tiny_mo
     assert "Traceback" not in proc.stderr
     assert os.path.isfile(out / "best" / "model.safetensors") and os.path.isdir(out / "checkpoint-2")
     assert "from_pretrained('someone/tiny-captioner')" in (out / "best" / "README.md").read_text()
+
+
+def test_tensorboard_server_shows_the_run(trained_run):
+    """The real tensorboard server, on a loopback port, serves the run's scalars, images and captions."""
+    import queue
+    import re
+    import urllib.request
+
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "tensorboard"), "--logdir",
+                               os.path.join(trained_run, "runs"), "--host", "127.0.0.1", "--port", "0",
+                               "--load_fast=false"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in server.stdout], daemon=True).start()
+    try:
+        url = None
+        while url is None:
+            line = lines.get(timeout=120)  # raises queue.Empty if the server never says where it listens
+            found = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
+            url = found and found.group(1)
+
+        def get(path):
+            with urllib.request.urlopen(url + path, timeout=30) as response:
+                return json.loads(response.read())
+
+        scalars = get("/data/plugin/scalars/tags")["."]
+        assert {"train/loss", "train/lr", "eval/wer", "eval/loss"} <= set(scalars)
+        assert "eval/example_0" in get("/data/plugin/images/tags")["."]
+        texts = get("/data/plugin/text/text?run=.&tag=eval/captions/text_summary")
+        assert [t["step"] for t in texts] == [50, 100, 150, 200]
+        generated = re.findall(r"<strong>gen:</strong> ([^<]+)<br>", texts[-1]["text"])
+        assert generated and all(g.strip().startswith("a ") for g in generated), texts[-1]["text"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
