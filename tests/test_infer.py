@@ -6,7 +6,9 @@ import json
 import os
 import subprocess
 import sys
+import struct
 import threading
+import zlib
 
 import numpy as np
 import pytest
@@ -48,6 +50,13 @@ def pictures(tmp_path_factory):
     buf = io.BytesIO()
     scenes[5].save(buf, format="JPEG")
     (bad / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    # A PNG header that claims 30000 x 30000 pixels: PIL refuses it as a decompression bomb on open.
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+    (bad / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"")) +
+                                   chunk(b"IEND", b""))
     return root, bad
 
 
@@ -65,19 +74,19 @@ def test_cli_captions_good_inputs_and_reports_each_bad_one(pictures, tiny_model_
     out = tmp_path / "captions.jsonl"
     proc = cli("--model", tiny_model_dir, "--recursive", "--json", "--output", str(out), "--precision", "fp32",
                str(root), str(bad / "empty.png"), str(bad / "text.png"), str(bad / "truncated.jpg"),
-               str(bad / "missing.png"))
+               str(bad / "missing.png"), str(bad / "bomb.png"))
     assert proc.returncode == 1, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [os.path.basename(r["image"]) for r in rows] == ["a.png", "b.jpg", "c.png", "d.jpg", "e.png", "f16.png",
                                                             "g_exif.jpg", "h.png", "large.jpg", "empty.png",
-                                                            "text.png", "truncated.jpg", "missing.png"]
+                                                            "text.png", "truncated.jpg", "missing.png", "bomb.png"]
     assert all(r["error"] is None and r["caption"] and r["captions"] == [r["caption"]] for r in rows[:9])
     assert all(r["error"] and r["caption"] is None for r in rows[9:])
     errors = proc.stderr.strip().splitlines()
-    assert len(errors) == 4 and "Traceback" not in proc.stderr
-    for name, line in zip(["empty.png", "text.png", "truncated.jpg", "missing.png"], errors):
+    assert len(errors) == 5 and "Traceback" not in proc.stderr
+    for name, line in zip(["empty.png", "text.png", "truncated.jpg", "missing.png", "bomb.png"], errors):
         assert name in line
-    assert "no such file" in errors[3]
+    assert "no such file" in errors[3] and "too many pixels" in errors[4]
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows
 
 
