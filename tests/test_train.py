@@ -279,3 +279,29 @@ def test_tensorboard_server_shows_the_run(trained_run):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_push_to_hub_uploads_best_with_its_card(tmp_path, tiny_model_dir, monkeypatch):
+    """The upload itself, with huggingface_hub's HfApi replaced by a recorder (no network here)."""
+    import huggingface_hub
+
+    import hub
+
+    calls = []
+
+    class RecordingApi:
+        def create_repo(self, repo_id, exist_ok=False, **kw):
+            calls.append(("create_repo", repo_id, exist_ok))
+
+        def upload_folder(self, repo_id, folder_path, commit_message=None, **kw):
+            calls.append(("upload_folder", repo_id, sorted(os.listdir(folder_path)), commit_message))
+
+    monkeypatch.setattr(hub, "push_problem", lambda: None)
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    run_train(tmp_path, "--max-steps", "4", "--eval-steps", "2", "--save-steps", "2", "--push-to-hub",
+              "--hub-model-id", "someone/captioner", "--hub-strategy", "every_save", model=tiny_model_dir)
+    uploads = [c for c in calls if c[0] == "upload_folder"]
+    assert len(uploads) == 3  # after each of the two saves, and at the end
+    assert all(c[1] == "someone/captioner" and "README.md" in c[2] and "model.safetensors" in c[2] for c in uploads)
+    assert calls[0] == ("create_repo", "someone/captioner", True)
+    assert "from_pretrained('someone/captioner')" in (tmp_path / "best" / "README.md").read_text()
