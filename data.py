@@ -199,26 +199,38 @@ def caption_refs(text):
     return [t.strip() for t in refs if t and t.strip()]
 
 
-def read_rows(ds, image_column, text_column, what):
-    """Decode every image to RGB and every caption to a list of strings; errors name the row."""
+def read_rows(ds, image_column, text_column, what, skipped=None):
+    """Decode every image to RGB and every caption to a list of strings. A bad row raises a
+    DataError naming it, or, when a `skipped` list is given, is left out and described there."""
     check_columns(ds, image_column, text_column, what)
     ds = undecoded(ds, image_column)
     images, captions = [], []
     for i, row in enumerate(ds):
-        label, source = image_cell(row[image_column], i)
-        if source is None:
-            raise DataError(f"{what} row {i}: column {image_column!r} is empty")
         try:
-            images.append(open_image(source))
+            image, refs = read_row(row, i, image_column, text_column, what)
         except DataError as e:
-            raise DataError(f"{what} row {i} ({label}): {str(e).split(': ', 1)[-1]}") from None
-        refs = caption_refs(row[text_column])
-        if refs is None:
-            raise DataError(f"{what} row {i}: column {text_column!r} must hold a string or a list of strings")
-        if not refs:
-            raise DataError(f"{what} row {i} ({label}): empty caption in column {text_column!r}")
+            if skipped is None:
+                raise
+            skipped.append(str(e))
+            continue
+        images.append(image)
         captions.append(refs)
     return images, captions
+
+
+def read_row(row, i, image_column, text_column, what):
+    label, source = image_cell(row[image_column], i)
+    if source is None:
+        raise DataError(f"{what} row {i}: column {image_column!r} is empty")
+    refs = caption_refs(row[text_column])
+    if refs is None:
+        raise DataError(f"{what} row {i}: column {text_column!r} must hold a string or a list of strings")
+    if not refs:
+        raise DataError(f"{what} row {i} ({label}): empty caption in column {text_column!r}")
+    try:
+        return open_image(source), refs
+    except DataError as e:
+        raise DataError(f"{what} row {i} ({label}): {str(e).split(': ', 1)[-1]}") from None
 
 
 # ---------------------------------------------------------------------------------------------

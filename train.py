@@ -66,6 +66,8 @@ def parse_args(argv=None, **defaults):
     a("--device", choices=("auto", "cpu", "cuda"), default="auto")
     a("--seed", type=int, default=42)
     a("--num-workers", type=int, default=0)
+    a("--on-bad-sample", choices=("skip", "error"), default="skip",
+      help="a row with an unreadable image or empty caption: leave it out (listed in skipped.txt) or stop")
     a("--max-text-length", type=int, default=64, help="captions are truncated to this many tokens")
     a("--gen-max-length", type=int, default=50, help="max_length for model.generate at evaluation")
     a("--metric-for-best", choices=tuple(LOWER_IS_BETTER) + ("bleu4", "rouge_l", "cider_d"), default="wer",
@@ -178,14 +180,18 @@ def evaluate(model, processor, loader, device, autocast, gen_max_length):
     return loss_sum / max(tokens, 1), [by_index[i] for i in range(len(by_index))]
 
 
-def load_splits(args):
-    """(train images, train captions, eval images, eval captions); raises data.DataError."""
+def load_splits(args, skipped=None):
+    """(train images, train captions, eval images, eval captions); raises data.DataError.
+    With a `skipped` list, bad rows are left out and described there instead of raising."""
     import data
 
     source = data.load_source(args.dataset, seed=args.seed, synthetic_size=args.synthetic_size)
     train_table, eval_table = data.split_source(source, args.test_size, args.seed)
-    train = data.read_rows(train_table, args.image_column, args.text_column, "train")
-    held_out = data.read_rows(eval_table, args.image_column, args.text_column, "eval")
+    train = data.read_rows(train_table, args.image_column, args.text_column, "train", skipped)
+    held_out = data.read_rows(eval_table, args.image_column, args.text_column, "eval", skipped)
+    for what, (images, _) in (("train", train), ("eval", held_out)):
+        if not images:
+            raise data.DataError(f"no usable {what} rows left in {args.dataset!r} after skipping bad ones")
     return (*train, *held_out)
 
 
@@ -294,10 +300,15 @@ def main(argv=None):
 
     # ---- data and model
     print(f"loading dataset {args.dataset!r}", flush=True)
+    skipped = [] if args.on_bad_sample == "skip" else None
     try:
-        train_images, train_captions, eval_images, eval_captions = load_splits(args)
+        train_images, train_captions, eval_images, eval_captions = load_splits(args, skipped)
     except data.DataError as e:
         fail(str(e))
+    if skipped:
+        listing = os.path.join(args.output_dir, "skipped.txt")
+        checkpoint.write_file_atomically(listing, "".join(line + "\n" for line in skipped))
+        print(f"skipped {len(skipped)} bad rows (unreadable images, empty captions): listed in {listing}", flush=True)
     try:
         model, processor = load_or_build_model(args, train_captions, resume_from)
     except ModelLoadError as e:

@@ -305,3 +305,28 @@ def test_push_to_hub_uploads_best_with_its_card(tmp_path, tiny_model_dir, monkey
     assert all(c[1] == "someone/captioner" and "README.md" in c[2] and "model.safetensors" in c[2] for c in uploads)
     assert calls[0] == ("create_repo", "someone/captioner", True)
     assert "from_pretrained('someone/captioner')" in (tmp_path / "best" / "README.md").read_text()
+
+
+def test_bad_rows_are_skipped_and_listed_or_stop_the_run(tmp_path, tiny_model_dir):
+    folder = tmp_path / "scenes"
+    data.write_imagefolder(data.synthetic_dataset(30, seed=4), str(folder))
+    (folder / "000003.png").write_text("not a png")
+    (folder / "000007.png").write_bytes(b"")
+    rows = [json.loads(line) for line in open(folder / "metadata.jsonl")]
+    rows[12]["text"] = "   "
+    with open(folder / "metadata.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    out = tmp_path / "run"
+    run_train(out, "--dataset", str(folder), "--max-steps", "2", model=tiny_model_dir)
+    listed = (out / "skipped.txt").read_text().splitlines()
+    assert len(listed) == 3
+    assert sorted(name for line in listed for name in ("000003.png", "000007.png", "000012.png") if name in line) == \
+        ["000003.png", "000007.png", "000012.png"]
+    state = json.load(open(out / "checkpoint-2" / "trainer_state.json"))
+    assert state["step"] == 2
+
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / "strict", "--dataset", str(folder), "--max-steps", "2", "--on-bad-sample", "error",
+                  model=tiny_model_dir)
+    assert e.value.code == 2
