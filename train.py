@@ -66,6 +66,8 @@ def parse_args(argv=None, **defaults):
     a("--device", choices=("auto", "cpu", "cuda"), default="auto")
     a("--seed", type=int, default=42)
     a("--num-workers", type=int, default=0)
+    a("--max-bad-steps", type=int, default=10,
+      help="fp32/bf16: stop after this many optimizer steps in a row with a non-finite loss (each is skipped)")
     a("--on-bad-sample", choices=("skip", "error"), default="skip",
       help="a row with an unreadable image or empty caption: leave it out (listed in skipped.txt) or stop")
     a("--max-text-length", type=int, default=64, help="captions are truncated to this many tokens")
@@ -84,6 +86,7 @@ def parse_args(argv=None, **defaults):
     if args.hub_model_id is None:
         args.hub_model_id = os.path.basename(os.path.abspath(args.output_dir))
     for name in ("batch_size", "eval_batch_size", "grad_accum", "eval_steps", "save_steps", "logging_steps",
+                 "max_bad_steps",
                  "max_text_length", "gen_max_length", "synthetic_size"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
@@ -343,6 +346,7 @@ def main(argv=None):
 
     step, epoch, batches_done, best = 0, 0, 0, {"metric": args.metric_for_best, "value": None, "step": None}
     history, train_log = [], []  # evaluations, and (step, mean train loss) at each logging step
+    skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient
     if resume_from:
         state = checkpoint.load_training_state(resume_from)
         optimizer.load_state_dict(state["optimizer"])
@@ -350,7 +354,7 @@ def main(argv=None):
         scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         step, epoch, batches_done, best = state["step"], state["epoch"], state["batches_done"], state["best"]
-        history, train_log = state["history"], state["train_log"]
+        history, train_log, skipped_steps = state["history"], state["train_log"], state["skipped_steps"]
         print(f"resumed from {resume_from} at step {step} (epoch {epoch}, batch {batches_done})", flush=True)
 
     writer = SummaryWriter(os.path.join(args.output_dir, "runs"), purge_step=step if resume_from else None)
@@ -399,9 +403,11 @@ def main(argv=None):
 
     def save():
         state = {"step": step, "epoch": epoch, "batches_done": batches_done, "best": dict(best),
-                 "history": list(history), "train_log": list(train_log), "optimizer": optimizer.state_dict(),
+                 "history": list(history), "train_log": list(train_log), "skipped_steps": skipped_steps,
+                 "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": checkpoint.rng_state()}
-        summary = {"step": step, "epoch": epoch + batches_done / batches_per_epoch, "best": best, "history": history}
+        summary = {"step": step, "epoch": epoch + batches_done / batches_per_epoch, "best": best,
+                   "skipped_steps": skipped_steps, "history": history}
         path = os.path.join(args.output_dir, f"checkpoint-{step}")
         evaluation = history[-1] if history and history[-1]["step"] == step else None
         checkpoint.save_checkpoint(args.output_dir, step, model, processor, state, summary,
@@ -418,6 +424,7 @@ def main(argv=None):
     last_save = step  # a resumed run starts from a saved step
     last_eval = step if history and history[-1]["step"] == step else -1
     window_loss, window_steps, window_samples, window_t0 = 0.0, 0, 0, time.time()
+    bad_in_a_row = 0
     while step < max_steps:
         train_sampler.set_epoch(epoch, start=batches_done * args.batch_size)
         train_set.set_epoch(epoch)
@@ -439,12 +446,24 @@ def main(argv=None):
                 step_loss += loss.detach()  # no .item() here: one device sync per step, not per micro-batch
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
+            if use_scaler:  # fp16: the scaler skips a step with inf/nan gradients and lowers its scale
+                scale = scaler.get_scale()
+                scaler.step(optimizer)
+                scaler.update()
+                bad_step = scaler.get_scale() < scale
+            else:  # fp32/bf16: nothing would catch a non-finite step, so we skip it ourselves
+                bad_step = not torch.isfinite(grad_norm).item()
+                if not bad_step:
+                    optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
             bar.update(1)
+            skipped_steps += bad_step
+            bad_in_a_row = bad_in_a_row + 1 if bad_step else 0
+            if bad_in_a_row >= args.max_bad_steps and not use_scaler:
+                fail(f"stopped at step {step}: the loss was not finite for {bad_in_a_row} steps in a row "
+                     f"(--max-bad-steps); the last good checkpoint is left as it was")
 
             step_loss = step_loss.item()
             window_loss += step_loss
@@ -459,9 +478,11 @@ def main(argv=None):
                 writer.add_scalar("train/lr", lr, step)
                 writer.add_scalar("train/grad_norm", float(grad_norm), step)
                 writer.add_scalar("train/samples_per_second", speed, step)
+                writer.add_scalar("train/skipped_steps", skipped_steps, step)
                 tqdm.write(f"step {step}/{max_steps} | epoch {epoch + batches_done / batches_per_epoch:.2f} | "
                            f"loss {window_loss / window_steps:.4f} | lr {lr:.3e} | grad_norm {float(grad_norm):.3f} "
-                           f"| {speed:.1f} samples/s")
+                           f"| {speed:.1f} samples/s" + (f" | {skipped_steps} steps skipped (non-finite)"
+                                                         if skipped_steps else ""))
                 window_loss, window_steps, window_samples = 0.0, 0, 0
             if step % args.eval_steps == 0 or step == max_steps:
                 run_eval()

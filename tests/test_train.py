@@ -330,3 +330,43 @@ def test_bad_rows_are_skipped_and_listed_or_stop_the_run(tmp_path, tiny_model_di
         run_train(tmp_path / "strict", "--dataset", str(folder), "--max-steps", "2", "--on-bad-sample", "error",
                   model=tiny_model_dir)
     assert e.value.code == 2
+
+
+def poison(monkeypatch, bad_calls):
+    """Make the training loss NaN on the given (1-based) training calls of caption_loss."""
+    real, calls = train.caption_loss, [0]
+
+    def loss(model, batch, n):
+        value = real(model, batch, n)
+        if model.training:
+            calls[0] += 1
+            if calls[0] in bad_calls:
+                return value * float("nan")
+        return value
+
+    monkeypatch.setattr(train, "caption_loss", loss)
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run_in_fp32(tmp_path, tiny_model_dir, monkeypatch):
+    poison(monkeypatch, {2})
+    run_train(tmp_path / "once", "--max-steps", "4", "--save-steps", "4", "--eval-steps", "4", model=tiny_model_dir)
+    assert json.load(open(tmp_path / "once" / "checkpoint-4" / "trainer_state.json"))["skipped_steps"] == 1
+
+    poison(monkeypatch, set(range(3, 100)))
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / "many", "--max-steps", "10", "--save-steps", "2", "--eval-steps", "100",
+                  "--max-bad-steps", "3", model=tiny_model_dir)
+    assert e.value.code == 2
+    # Steps 3-5 were bad: the run stopped at step 5; the save at step 4 holds step 2's weights, unharmed.
+    assert not os.path.exists(tmp_path / "many" / "checkpoint-6")
+    good = load_file(str(tmp_path / "many" / "checkpoint-2" / "model.safetensors"))
+    after = load_file(str(tmp_path / "many" / "checkpoint-4" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() and torch.equal(w, after[k]) for k, w in good.items())
+
+
+def test_fp16_scaler_skips_a_non_finite_step_and_counts_it(tmp_path, tiny_model_dir, monkeypatch):
+    poison(monkeypatch, {2})
+    run_train(tmp_path, "--max-steps", "3", "--save-steps", "3", "--eval-steps", "3", "--precision", "fp16",
+              model=tiny_model_dir)
+    state = torch.load(tmp_path / "checkpoint-3" / "training_state.pt", weights_only=True)
+    assert state["skipped_steps"] == 1 and state["scaler"]["scale"] < 65536.0
