@@ -17,6 +17,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 
@@ -425,7 +426,19 @@ def main(argv=None):
     last_eval = step if history and history[-1]["step"] == step else -1
     window_loss, window_steps, window_samples, window_t0 = 0.0, 0, 0, time.time()
     bad_in_a_row = 0
-    while step < max_steps:
+    # Ctrl-C or SIGTERM (a scheduler taking the machine back) ends the run at the next step
+    # boundary with a checkpoint; a second one interrupts at once.
+    stop_signal = []
+
+    def on_signal(signum, frame):
+        if stop_signal:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+        stop_signal.append(signal.Signals(signum).name)
+        tqdm.write(f"{stop_signal[0]}: finishing this step and saving a checkpoint (again to stop at once)")
+
+    previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    while step < max_steps and not stop_signal:
         train_sampler.set_epoch(epoch, start=batches_done * args.batch_size)
         train_set.set_epoch(epoch)
         batches = iter(train_loader)
@@ -487,14 +500,23 @@ def main(argv=None):
             if step % args.eval_steps == 0 or step == max_steps:
                 run_eval()
                 last_eval = step
-            if step % args.save_steps == 0 or step == max_steps:
+            if step % args.save_steps == 0 or step == max_steps or stop_signal:
                 save()
                 last_save = step
             window_t0 = time.time() if window_steps == 0 else window_t0
+            if stop_signal:
+                break
         else:
             break
         epoch, batches_done = epoch + 1, 0
     bar.close()
+    for s, handler in previous_handlers.items():
+        signal.signal(s, handler)
+    if stop_signal:
+        writer.close()
+        print(f"stopped by {stop_signal[0]} at step {step}; checkpoint saved in {os.path.join(args.output_dir, f'checkpoint-{step}')}; "
+              f"continue with the same command plus --resume", flush=True)
+        return best
     if last_eval != step:
         run_eval()
     if last_save != step:

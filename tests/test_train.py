@@ -4,6 +4,7 @@ import threading
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -370,3 +371,26 @@ def test_fp16_scaler_skips_a_non_finite_step_and_counts_it(tmp_path, tiny_model_
               model=tiny_model_dir)
     state = torch.load(tmp_path / "checkpoint-3" / "training_state.pt", weights_only=True)
     assert state["skipped_steps"] == 1 and state["scaler"]["scale"] < 65536.0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_ends_the_run_with_a_checkpoint_to_resume_from(tmp_path, tiny_model_dir, sig):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "synthetic",
+                             "--synthetic-size", "80", "--model", tiny_model_dir, "--output-dir", str(out),
+                             "--max-steps", "100000", "--batch-size", "8", "--precision", "fp32",
+                             "--logging-steps", "1", "--save-steps", "100000", "--eval-steps", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    for line in proc.stdout:  # wait until training is under way
+        if line.startswith("step 3/"):
+            proc.send_signal(sig)
+            break
+    rest, errors = proc.communicate(timeout=300)
+    assert proc.returncode == 0, errors
+    last = rest.strip().splitlines()[-1]
+    assert last.startswith(f"stopped by {sig.name} at step") and "--resume" in last
+    stopped_at = int(last.split(" at step ")[1].split(";")[0])
+    assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{stopped_at}"]
+    state = torch.load(out / f"checkpoint-{stopped_at}" / "training_state.pt", weights_only=True)
+    assert state["step"] == stopped_at
