@@ -26,8 +26,12 @@ def write_atomically(final_dir, write):
     """Call write(tmp_dir), then rename tmp_dir to final_dir (replacing an older one)."""
     tmp = f"{final_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    write(tmp)
+    try:
+        os.makedirs(tmp)
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written folder must not fill the disk further
+        raise
     if os.path.exists(final_dir):
         old = f"{final_dir}.old-{os.getpid()}"
         os.rename(final_dir, old)

@@ -411,8 +411,11 @@ def main(argv=None):
                    "skipped_steps": skipped_steps, "history": history}
         path = os.path.join(args.output_dir, f"checkpoint-{step}")
         evaluation = history[-1] if history and history[-1]["step"] == step else None
-        checkpoint.save_checkpoint(args.output_dir, step, model, processor, state, summary,
-                                   card=card_for(path, evaluation))
+        try:
+            checkpoint.save_checkpoint(args.output_dir, step, model, processor, state, summary,
+                                       card=card_for(path, evaluation))
+        except OSError as e:
+            fail(f"could not write {path} ({e.strerror or e}); training stopped, the earlier checkpoints are intact")
         checkpoint.rotate_checkpoints(args.output_dir, args.save_total_limit, keep_step=best["step"])
         tqdm.write(f"saved {path}")
         if args.push_to_hub and args.hub_strategy == "every_save":

@@ -394,3 +394,26 @@ def test_a_signal_ends_the_run_with_a_checkpoint_to_resume_from(tmp_path, tiny_m
     assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{stopped_at}"]
     state = torch.load(out / f"checkpoint-{stopped_at}" / "training_state.pt", weights_only=True)
     assert state["step"] == stopped_at
+
+
+def test_a_failed_save_stops_in_one_line_and_keeps_earlier_checkpoints(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import errno
+
+    import checkpoint
+
+    real_save, calls = checkpoint.torch.save, [0]
+
+    def save(obj, path):
+        calls[0] += 1
+        if calls[0] == 2:  # the second checkpoint: the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_save(obj, path)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path, "--max-steps", "6", "--save-steps", "2", "--eval-steps", "100", model=tiny_model_dir)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint-4" in err[0] and "No space left on device" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2"]
+    assert (tmp_path / "checkpoint-2" / "training_state.pt").is_file()
