@@ -146,8 +146,6 @@ def load(name, device_name="auto", precision="auto"):
     device = torch.device("cuda" if device_name != "cpu" and torch.cuda.is_available() else "cpu")
     model, processor = load_model(resolve_model(name))
     model.to(device).eval()
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     amp_dtype, _ = pick_precision(precision, device)
     return model, processor, device, amp_dtype
 

@@ -117,6 +117,8 @@ def load_model(name, dtype=None):
             f"(offline and not cached, or no such repo); pass a folder written by save_pretrained") from None
     if model.config.model_type != "git":
         raise ModelLoadError(f"model {name!r} is a {model.config.model_type!r} model, not GIT")
+    if model.generation_config.pad_token_id is None:  # batched generate pads finished captions
+        model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     return model, processor
 
 

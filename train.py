@@ -211,8 +211,6 @@ def load_or_build_model(args, train_captions, resume_from=None):
         model, processor = load_model(init_dir)
     else:
         model, processor = load_model(args.model)
-    if model.generation_config.pad_token_id is None:  # batched generate pads finished captions
-        model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     return model, processor
 
 
