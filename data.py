@@ -15,6 +15,7 @@ file is reported by name. The image processor runs once per image; epochs reuse 
 import argparse
 import functools
 import io
+import itertools
 import json
 import os
 import random
@@ -289,34 +290,58 @@ def collate(batch, pad_id=0):
             "labels": input_ids.masked_fill(attention_mask == 0, -100), "index": torch.tensor(index)}
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """A seeded shuffle per epoch that can start part-way through (for resume). Has the same
-    set_epoch interface as DistributedSampler, which can take its place."""
+class EpochSampler(torch.utils.data.distributed.DistributedSampler):
+    """torch's DistributedSampler (a seeded shuffle per epoch, this rank's share of it) that can
+    also start part-way through its share, for resume. With num_replicas=1 it is a plain seeded
+    shuffle, so one process and N ranks draw from the same permutation."""
 
-    def __init__(self, n, seed=0, shuffle=True):
-        self.n, self.seed, self.shuffle, self.epoch, self.start = n, seed, shuffle, 0, 0
+    def __init__(self, n, seed=0, shuffle=True, num_replicas=1, rank=0):
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.start = 0
 
     def set_epoch(self, epoch, start=0):
-        self.epoch, self.start = epoch, start
+        super().set_epoch(epoch)
+        self.start = start
 
     def __iter__(self):
-        if not self.shuffle:
-            order = list(range(self.n))
-        else:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        return iter(order[self.start:])
+        return itertools.islice(super().__iter__(), self.start, None)
 
     def __len__(self):
-        return self.n - self.start
+        return self.num_samples - self.start
 
 
-def make_loader(dataset, batch_size, sampler, pad_id, num_workers=0, pin_memory=False, seed=0):
-    # A generator of its own: otherwise every new iterator draws a worker seed from the global
-    # RNG, and a resumed run (which starts a fresh iterator mid-epoch) would get other dropout masks.
+class ShardSampler(torch.utils.data.Sampler):
+    """Evaluation: rank r takes items r, r + N, r + 2N... in order, without the padding
+    DistributedSampler adds, so every eval image is scored exactly once across ranks."""
+
+    def __init__(self, n, num_replicas=1, rank=0):
+        self.indices = list(range(rank, n, num_replicas))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def make_loader(dataset, batch_size, sampler, pad_id, num_workers=0, pin_memory=False):
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-        collate_fn=functools.partial(collate, pad_id=pad_id), generator=torch.Generator().manual_seed(seed))
+        collate_fn=functools.partial(collate, pad_id=pad_id), generator=torch.Generator())
+
+
+def epoch_batches(loader, epoch, start=0, seed=0):
+    """An iterator over the batches of `epoch`, from sample `start` of this rank's share on.
+
+    Everything random in it is a function of (seed, epoch): the shuffle, the caption drawn for
+    images with several, and the worker seeds. A DataLoader draws its worker seed from its
+    generator at every new iterator, so without the reseed a resumed run (one fresh iterator
+    instead of one per earlier epoch) would give its workers other seeds."""
+    loader.sampler.set_epoch(epoch, start)
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
+    loader.generator.manual_seed(seed * 100_003 + epoch)
+    return iter(loader)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -132,6 +132,41 @@ def test_epoch_sampler_is_seeded_and_resumes_mid_epoch():
     assert list(s) == full[4:] and len(s) == 6
 
 
+def test_ranks_share_one_permutation_and_eval_shards_score_each_item_once():
+    one = data.EpochSampler(12, seed=5)
+    ranks = [data.EpochSampler(12, seed=5, num_replicas=3, rank=r) for r in range(3)]
+    for s in [one] + ranks:
+        s.set_epoch(4)
+    # The first global batch of 6 in one process is the union of each rank's first batch of 2.
+    assert sorted(list(one)[:6]) == sorted(i for s in ranks for i in list(s)[:2])
+    ranks[1].set_epoch(4, start=2)
+    assert list(ranks[1]) == list(one)[7::3]
+    shards = [list(data.ShardSampler(10, 3, r)) for r in range(3)]
+    assert sorted(i for s in shards for i in s) == list(range(10))
+
+
+class WorkerSeed(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return torch.zeros(1, 1, 1), [1], torch.initial_seed()  # (pixels, ids, index) for collate
+
+
+def test_worker_seeds_depend_on_the_epoch_only_so_a_resume_gets_the_same_ones():
+    def seeds(loader, epoch):
+        return [b["index"].tolist() for b in data.epoch_batches(loader, epoch, seed=3)]
+
+    def loader():
+        return data.make_loader(WorkerSeed(), 2, data.EpochSampler(8, seed=3), pad_id=0, num_workers=2)
+
+    ran_through = loader()
+    seeds(ran_through, 0)
+    epoch_one = seeds(ran_through, 1)
+    assert epoch_one != seeds(ran_through, 0)  # epochs get other worker seeds
+    assert seeds(loader(), 1) == epoch_one  # a fresh loader (a resumed run) starting at epoch 1
+
+
 def encoded(img, fmt, **kw):
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)
