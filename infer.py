@@ -48,6 +48,7 @@ def parse_args(argv=None):
     a("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
       help="auto: fp16 on CUDA, bf16 on CPUs with bf16 matrix units, else fp32")
     a("--seed", type=int, default=0, help="for --do-sample")
+    a("--trust-remote-code", action="store_true", help="allow a model that ships its own Python code to run it")
     a("--timeout", type=float, default=20.0, help="seconds to wait for a URL")
     a("--max-download-mb", type=float, default=50.0, help="refuse URL downloads larger than this")
     args = p.parse_args(argv)
@@ -135,7 +136,7 @@ def resolve_model(name):
 
 
 @functools.lru_cache(maxsize=2)
-def load(name, device_name="auto", precision="auto"):
+def load(name, device_name="auto", precision="auto", trust_remote_code=False):
     """(model, processor, device, autocast dtype), cached so repeated caption() calls load once."""
     import torch
 
@@ -144,7 +145,7 @@ def load(name, device_name="auto", precision="auto"):
     if device_name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but no CUDA GPU is available")
     device = torch.device("cuda" if device_name != "cpu" and torch.cuda.is_available() else "cpu")
-    model, processor = load_model(resolve_model(name))
+    model, processor = load_model(resolve_model(name), trust_remote_code=trust_remote_code)
     model.to(device).eval()
     amp_dtype, _ = pick_precision(precision, device)
     return model, processor, device, amp_dtype
@@ -170,10 +171,11 @@ def generate(model, processor, device, amp_dtype, images, max_length=50, batch_s
     return out
 
 
-def caption(images, model="git-base-pokemon/best", device="auto", precision="auto", **options):
+def caption(images, model="git-base-pokemon/best", device="auto", precision="auto", trust_remote_code=False,
+            **options):
     """Captions for images (paths, URLs or PIL images): one string each, or a list of
     num_captions strings each when num_captions > 1. Raises data.DataError for an unreadable image."""
-    model_, processor, device_, amp_dtype = load(model, device, precision)
+    model_, processor, device_, amp_dtype = load(model, device, precision, trust_remote_code)
     pil = [load_input(x) for x in images]
     results = generate(model_, processor, device_, amp_dtype, pil, **options)
     return [r[0] for r in results] if options.get("num_captions", 1) == 1 else results
@@ -206,7 +208,7 @@ def main(argv=None):
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     try:
-        model, processor, device, amp_dtype = load(args.model, args.device, args.precision)
+        model, processor, device, amp_dtype = load(args.model, args.device, args.precision, args.trust_remote_code)
     except (ModelLoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

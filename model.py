@@ -95,8 +95,9 @@ def sincos_2d(grid, dim):
     return torch.cat(parts, dim=1)
 
 
-def load_model(name, dtype=None):
-    """AutoModelForCausalLM + AutoProcessor from a Hub id or a local folder; one-line errors."""
+def load_model(name, dtype=None, trust_remote_code=False):
+    """AutoModelForCausalLM + AutoProcessor from a Hub id or a local folder; one-line errors.
+    Code shipped with a model (auto_map in its config) runs only with trust_remote_code=True."""
     from transformers import AutoModelForCausalLM, AutoProcessor
 
     from hub import looks_like_path
@@ -107,8 +108,15 @@ def load_model(name, dtype=None):
         if not os.path.isfile(os.path.join(name, "config.json")):
             raise ModelLoadError(f"model folder {name!r} has no config.json (was it written by save_pretrained?)")
     try:
-        processor = AutoProcessor.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, **({"dtype": dtype} if dtype else {}))
+        # An explicit False: None would ask on the terminal whether to run the code.
+        processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code,
+                                                     **({"dtype": dtype} if dtype else {}))
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ModelLoadError(f"model {name!r} comes with its own Python code; pass --trust-remote-code to run it "
+                             f"(only if you trust its author)") from None
     except OSError as e:
         if os.path.isdir(name):
             raise ModelLoadError(f"could not load model from folder {name!r}: {first_line(e)}") from None
