@@ -20,6 +20,7 @@ import torch
 
 STATE_FILE = "training_state.pt"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_LEFTOVER = re.compile(r"^(.+)\.(tmp|old)-\d+$")  # the temporary names write_atomically uses
 
 
 def write_atomically(final_dir, write):
@@ -58,9 +59,14 @@ def write_card(folder, card):
 
 def write_file_atomically(path, text):
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def rng_state():
@@ -111,14 +117,38 @@ def list_checkpoints(output_dir):
     return sorted(found)
 
 
-def rotate_checkpoints(output_dir, limit, keep_step=None):
-    """Delete all but the newest `limit` checkpoints; never the one at keep_step (the best)."""
+def tidy_interrupted_writes(output_dir):
+    """After a crash: put back a folder that was being replaced, delete half-written ones, and
+    name checkpoint folders that are not complete. Returns lines for the user."""
+    if not os.path.isdir(output_dir):
+        return []
+    report = []
+    names = sorted(os.listdir(output_dir))
+    for name in names:  # a crash between the two renames of write_atomically: the old copy is whole
+        m = _LEFTOVER.match(name)
+        if m and m.group(2) == "old" and not os.path.exists(os.path.join(output_dir, m.group(1))):
+            os.rename(os.path.join(output_dir, name), os.path.join(output_dir, m.group(1)))
+            report.append(f"restored {m.group(1)} from {name} (a crash interrupted its replacement)")
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        m = _LEFTOVER.match(name)
+        if m:
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+            report.append(f"removed {name}: an interrupted write")
+        elif _CHECKPOINT.match(name) and not os.path.isfile(os.path.join(path, STATE_FILE)):
+            report.append(f"ignored {name}: no {STATE_FILE}, not a complete checkpoint")
+    return report
+
+
+def rotate_checkpoints(output_dir, limit, keep_steps=()):
+    """Delete all but the newest `limit` checkpoints, never those in keep_steps (the best, and the
+    one this run resumed from). Called only after the new checkpoint is complete."""
     if limit is None or limit <= 0:
         return
     checkpoints = list_checkpoints(output_dir)
     newest = {step for step, _ in checkpoints[-limit:]}
     for step, path in checkpoints:
-        if step not in newest and step != keep_step:
+        if step not in newest and step not in keep_steps:
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -11,6 +11,7 @@ tokens; logits are computed for caption positions only; evaluation scores captio
 model.generate, not the argmax of teacher-forced logits.
 """
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -80,6 +81,8 @@ def parse_args(argv=None, **defaults):
     a("--hub-model-id", default=None, help="owner/name of the Hub repo (default: the --output-dir folder name)")
     a("--hub-strategy", choices=("end", "every_save"), default="end",
       help="every_save: also upload best/ after each checkpoint")
+    a("--trust-remote-code", action="store_true",
+      help="allow a model that ships its own Python code (auto_map in its config) to run it")
     a("--resume", "--resume-from-checkpoint", dest="resume", nargs="?", const="latest", default=None,
       help="continue from the newest checkpoint in --output-dir (or from the folder given)")
     p.set_defaults(**defaults)
@@ -105,7 +108,8 @@ def parse_args(argv=None, **defaults):
 
 
 def fail(message):
-    print(f"error: {message}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same error: say it once
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -115,6 +119,23 @@ def pick_device(name):
     if name == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for, but no CUDA GPU is available")
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else name if name != "auto" else "cpu")
+
+
+def init_distributed(device_name):
+    """(device, rank, world size). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK for each process
+    it starts; plain `python train.py` is a world of one and needs no process group."""
+    import torch
+    import torch.distributed as dist
+
+    device = pick_device(device_name)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return device, 0, 1
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank(), world
 
 
 def lr_factor(schedule, warmup, total):
@@ -147,7 +168,7 @@ def caption_loss(model, batch, num_tokens):
 
     targets = batch["labels"][:, 1:]
     has_target = targets != -100
-    n_img = num_image_tokens(model.config)
+    n_img = num_image_tokens(getattr(model, "module", model).config)  # model may be wrapped in DDP
     keep = has_target.new_zeros((targets.shape[0], n_img + targets.shape[1] + 1))
     keep[:, n_img:-1] = has_target
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -163,9 +184,11 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def evaluate(model, processor, loader, device, autocast, gen_max_length):
-    """Teacher-forced loss over the eval split (first reference) and the captions generate() writes."""
+def evaluate(model, processor, loader, device, autocast, gen_max_length, world=1):
+    """Teacher-forced loss over the eval split (first reference) and the captions generate() writes.
+    Under torchrun each rank scores its shard and the results are gathered on every rank."""
     import torch
+    import torch.distributed as dist
 
     model.eval()
     loss_sum, tokens, predictions, order = 0.0, 0, [], []
@@ -180,8 +203,13 @@ def evaluate(model, processor, loader, device, autocast, gen_max_length):
             predictions += processor.batch_decode(generated, skip_special_tokens=True)
             order += batch["index"].tolist()
     model.train()
-    by_index = dict(zip(order, predictions))
-    return loss_sum / max(tokens, 1), [by_index[i] for i in range(len(by_index))]
+    shards = [(loss_sum, tokens, list(zip(order, predictions)))]
+    if world > 1:
+        shards = [None] * world
+        dist.all_gather_object(shards, (loss_sum, tokens, list(zip(order, predictions))))
+    by_index = dict(pair for _, _, pairs in shards for pair in pairs)
+    loss = sum(s[0] for s in shards) / max(sum(s[1] for s in shards), 1)
+    return loss, [by_index[i] for i in range(len(by_index))]
 
 
 def load_splits(args, skipped=None):
@@ -199,19 +227,20 @@ def load_splits(args, skipped=None):
     return (*train, *held_out)
 
 
-def load_or_build_model(args, train_captions, resume_from=None):
-    """The checkpoint being resumed, a tiny GIT built for the captions, or --model; raises ModelLoadError."""
+def load_or_build_model(args, train_captions, resume_from=None, build=True):
+    """The checkpoint being resumed, a tiny GIT built for the captions, or --model; raises ModelLoadError.
+    build=False: another process builds the tiny GIT's folder; only load it."""
     from model import build_tiny_git, is_tiny, load_model
 
+    trust = getattr(args, "trust_remote_code", False)
     if resume_from:
-        model, processor = load_model(resume_from)
-    elif is_tiny(args.model):
+        return load_model(resume_from, trust_remote_code=trust)
+    if is_tiny(args.model):
         init_dir = os.path.join(args.output_dir, "init-model")
-        build_tiny_git([c for refs in train_captions for c in refs], init_dir, preset=args.model, seed=args.seed)
-        model, processor = load_model(init_dir)
-    else:
-        model, processor = load_model(args.model)
-    return model, processor
+        if build:
+            build_tiny_git([c for refs in train_captions for c in refs], init_dir, preset=args.model, seed=args.seed)
+        return load_model(init_dir)
+    return load_model(args.model, trust_remote_code=trust)
 
 
 def caption_card(image, prediction, reference):
@@ -251,6 +280,13 @@ def draw_curves(path, train_log, history):
     os.replace(f"{path}.tmp.png", path)
 
 
+class Silent:
+    """Stands in for the TensorBoard writer on ranks other than 0."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.push_to_hub and hub.push_problem():
@@ -259,6 +295,8 @@ def main(argv=None):
         hub.offline_unless_needed(*[n for n in (args.dataset, args.model) if n != "synthetic" and n not in TINY])
     # Heavy imports after argument parsing, so --help and flag errors answer at once.
     import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
     import datasets
@@ -273,12 +311,42 @@ def main(argv=None):
     transformers.logging.set_verbosity_error()  # the PIL-backend notice on every processor load is noise
     transformers.logging.disable_progress_bar()
     datasets.disable_progress_bars()
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = pick_device(args.device)
+    device, rank, world = init_distributed(args.device)
+    main_rank = rank == 0  # the one process that prints, logs and writes files
+
+    def say(message):
+        if main_rank:
+            tqdm.write(message)
+            sys.stdout.flush()  # a log file or a pipe should see each line when it happens
+    random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)  # ranks draw their own dropout masks; DDP copies rank 0's weights
     amp_dtype, use_scaler = pick_precision(args.precision, device)
 
-    # ---- output folder: refuse to mix two runs
+    def barrier():
+        if world > 1:
+            dist.barrier()
+
+    def global_sum(*values):
+        """Sums over ranks (one small all-reduce); the values themselves in a world of one."""
+        if world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return tuple(t.tolist())
+
+    def written(what, write, *a, **kw):
+        """A write that fails (disk full, no permission) stops the run in one line."""
+        try:
+            return write(*a, **kw)
+        except OSError as e:
+            fail(f"could not write {what} ({e.strerror or e}); training stopped, "
+                 f"the checkpoints written before are intact")
+
+    # ---- output folder: clean up after a crash, refuse to mix two runs
+    if main_rank:
+        for line in checkpoint.tidy_interrupted_writes(args.output_dir):
+            print(f"{args.output_dir}: {line}", flush=True)
+    barrier()
     existing = checkpoint.list_checkpoints(args.output_dir)
     resume_from = None
     if args.resume == "latest":
@@ -292,45 +360,54 @@ def main(argv=None):
     elif existing and not args.overwrite_output_dir:
         fail(f"{args.output_dir!r} already holds checkpoints of a run; pass --resume to continue it "
              f"or --overwrite-output-dir to start over")
-    elif args.overwrite_output_dir:
+    elif args.overwrite_output_dir and main_rank:
         for name in [os.path.basename(p) for _, p in existing] + ["best", "runs"]:
             shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
     try:
         os.makedirs(args.output_dir, exist_ok=True)
     except OSError as e:
         fail(f"--output-dir {args.output_dir!r}: {e.strerror}")
+    barrier()
 
     # ---- data and model
-    print(f"loading dataset {args.dataset!r}", flush=True)
+    say(f"loading dataset {args.dataset!r}")
     skipped = [] if args.on_bad_sample == "skip" else None
     try:
         train_images, train_captions, eval_images, eval_captions = load_splits(args, skipped)
     except data.DataError as e:
         fail(str(e))
-    if skipped:
+    if skipped and main_rank:
         listing = os.path.join(args.output_dir, "skipped.txt")
-        checkpoint.write_file_atomically(listing, "".join(line + "\n" for line in skipped))
-        print(f"skipped {len(skipped)} bad rows (unreadable images, empty captions): listed in {listing}", flush=True)
+        written(listing, checkpoint.write_file_atomically, listing, "".join(line + "\n" for line in skipped))
+        say(f"skipped {len(skipped)} bad rows (unreadable images, empty captions): listed in {listing}")
+    if not main_rank:
+        barrier()  # rank 0 builds the tiny GIT's folder first
     try:
-        model, processor = load_or_build_model(args, train_captions, resume_from)
+        model, processor = load_or_build_model(args, train_captions, resume_from, build=main_rank)
     except ModelLoadError as e:
         fail(f"{e}, or --model tiny to train a small GIT from scratch")
+    if main_rank:
+        barrier()
     model.to(device)
+    # Forward and backward of training go through `net`; under torchrun it averages the gradients
+    # across ranks during backward. Evaluation and saving use `model` itself.
+    net = model if world == 1 else DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     pad_id = processor.tokenizer.pad_token_id
 
     train_set = data.build_dataset(train_images, train_captions, processor, args.max_text_length, args.seed)
     eval_set = data.build_dataset(eval_images, eval_captions, processor, args.max_text_length, args.seed)
-    train_sampler = data.EpochSampler(len(train_set), seed=args.seed)
+    train_sampler = data.EpochSampler(len(train_set), seed=args.seed, num_replicas=world, rank=rank)
     pin = device.type == "cuda"
     train_loader = data.make_loader(train_set, args.batch_size, train_sampler, pad_id, args.num_workers, pin)
-    eval_loader = data.make_loader(eval_set, args.eval_batch_size, data.EpochSampler(len(eval_set), shuffle=False),
+    eval_loader = data.make_loader(eval_set, args.eval_batch_size, data.ShardSampler(len(eval_set), world, rank),
                                    pad_id, args.num_workers, pin)
-    batches_per_epoch = math.ceil(len(train_set) / args.batch_size)
+    batches_per_epoch = math.ceil(train_sampler.num_samples / args.batch_size)  # per rank
     steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
     max_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
-    print(f"train {len(train_set)} images, eval {len(eval_set)} | {steps_per_epoch} steps/epoch, {max_steps} steps | "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | {device} "
-          f"{'fp32' if amp_dtype is None else str(amp_dtype).split('.')[-1]}", flush=True)
+    say(f"train {len(train_set)} images, eval {len(eval_set)} | {steps_per_epoch} steps/epoch, {max_steps} steps | "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | {device} "
+        f"{'fp32' if amp_dtype is None else str(amp_dtype).split('.')[-1]}"
+        + (f" | {world} processes, global batch {args.batch_size * args.grad_accum * world}" if world > 1 else ""))
 
     # ---- optimizer, schedule, mixed precision
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -346,23 +423,32 @@ def main(argv=None):
     step, epoch, batches_done, best = 0, 0, 0, {"metric": args.metric_for_best, "value": None, "step": None}
     history, train_log = [], []  # evaluations, and (step, mean train loss) at each logging step
     skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient
+    window = {"loss": 0.0, "steps": 0, "samples": 0}  # train steps since the last logged line
+    resume_step = None
     if resume_from:
         state = checkpoint.load_training_state(resume_from)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per rank
+        # A different number of ranks than before: every rank continues from rank 0's streams.
+        checkpoint.set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
         step, epoch, batches_done, best = state["step"], state["epoch"], state["batches_done"], state["best"]
         history, train_log, skipped_steps = state["history"], state["train_log"], state["skipped_steps"]
-        print(f"resumed from {resume_from} at step {step} (epoch {epoch}, batch {batches_done})", flush=True)
+        window, resume_step = state.get("window", window), step
+        say(f"resumed from {resume_from} at step {step} (epoch {epoch}, batch {batches_done})")
 
-    writer = SummaryWriter(os.path.join(args.output_dir, "runs"), purge_step=step if resume_from else None)
-    with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
+    # After a crash the log may run past the checkpoint; TensorBoard hides what a killed run wrote
+    # after it (steps from purge_step on), so the curve continues without doubled steps.
+    writer = SummaryWriter(os.path.join(args.output_dir, "runs"), purge_step=step + 1 if resume_from else None) \
+        if main_rank else Silent()
+    if main_rank:
+        path = os.path.join(args.output_dir, "training_args.json")
+        written(path, checkpoint.write_file_atomically, path, json.dumps(vars(args), indent=2))
 
     def run_eval():
         t0 = time.time()
-        eval_loss, predictions = evaluate(model, processor, eval_loader, device, autocast, args.gen_max_length)
+        eval_loss, predictions = evaluate(model, processor, eval_loader, device, autocast, args.gen_max_length, world)
         scores = metrics.caption_scores(predictions, eval_captions)
         writer.add_scalar("eval/loss", eval_loss, step)
         for name, value in scores.items():
@@ -371,20 +457,25 @@ def main(argv=None):
                  f"| {time.time() - t0:.1f}s"]
         for k in range(min(args.num_examples, len(predictions))):
             lines.append(f"  gen: {predictions[k]!r}\n  ref: {eval_captions[k][0]!r}")
-            writer.add_image(f"eval/example_{k}", caption_card(eval_images[k], predictions[k], eval_captions[k][0]),
-                             step, dataformats="HWC")
+            if main_rank:
+                writer.add_image(f"eval/example_{k}", caption_card(eval_images[k], predictions[k], eval_captions[k][0]),
+                                 step, dataformats="HWC")
         writer.add_text("eval/captions", "\n\n".join(f"**gen:** {predictions[k]}  \n**ref:** {eval_captions[k][0]}"
                                                      for k in range(min(args.num_examples, len(predictions)))), step)
-        tqdm.write("\n".join(lines))
+        say("\n".join(lines))
         history.append({"step": step, "eval_loss": eval_loss, **scores})
-        checkpoint.write_file_atomically(os.path.join(args.output_dir, "metrics.jsonl"),
-                                         "".join(json.dumps(h) + "\n" for h in history))
         value = history[-1][args.metric_for_best]
         sign = 1 if args.metric_for_best in LOWER_IS_BETTER else -1
-        if best["value"] is None or sign * value < sign * best["value"]:
+        improved = best["value"] is None or sign * value < sign * best["value"]
+        if improved:
             best.update(value=value, step=step)
-            best_dir = os.path.join(args.output_dir, "best")
-            checkpoint.save_model(best_dir, model, processor, card=card_for(best_dir, history[-1]))
+        if main_rank:
+            path = os.path.join(args.output_dir, "metrics.jsonl")
+            written(path, checkpoint.write_file_atomically, path, "".join(json.dumps(h) + "\n" for h in history))
+            if improved:
+                best_dir = os.path.join(args.output_dir, "best")
+                written(best_dir, checkpoint.save_model, best_dir, model, processor,
+                        card=card_for(best_dir, history[-1]))
         return scores
 
     def card_for(where, evaluation):
@@ -396,68 +487,82 @@ def main(argv=None):
         """Upload best/; a failure is reported and remembered, never fatal: everything stays on disk."""
         problem = hub.push_folder(os.path.join(args.output_dir, "best"), args.hub_model_id, message)
         if problem:
-            tqdm.write(f"error: --push-to-hub: could not upload {os.path.join(args.output_dir, 'best')} "
-                       f"to {args.hub_model_id!r} ({problem}); the model is saved on disk")
+            say(f"error: --push-to-hub: could not upload {os.path.join(args.output_dir, 'best')} "
+                f"to {args.hub_model_id!r} ({problem}); the model is saved on disk")
         return problem is None
 
     def save():
+        """Every rank comes here (their RNG states are gathered); rank 0 writes."""
+        rngs = [checkpoint.rng_state()]
+        if world > 1:
+            rngs = [None] * world
+            dist.all_gather_object(rngs, checkpoint.rng_state())
+        if not main_rank:
+            return
+        writer.flush()  # the TensorBoard log on disk reaches at least as far as the checkpoint
         state = {"step": step, "epoch": epoch, "batches_done": batches_done, "best": dict(best),
                  "history": list(history), "train_log": list(train_log), "skipped_steps": skipped_steps,
+                 "window": {k: float(v) if k == "loss" else v for k, v in window.items()},
                  "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": checkpoint.rng_state()}
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs}
         summary = {"step": step, "epoch": epoch + batches_done / batches_per_epoch, "best": best,
                    "skipped_steps": skipped_steps, "history": history}
         path = os.path.join(args.output_dir, f"checkpoint-{step}")
         evaluation = history[-1] if history and history[-1]["step"] == step else None
-        try:
-            checkpoint.save_checkpoint(args.output_dir, step, model, processor, state, summary,
-                                       card=card_for(path, evaluation))
-        except OSError as e:
-            fail(f"could not write {path} ({e.strerror or e}); training stopped, the earlier checkpoints are intact")
-        checkpoint.rotate_checkpoints(args.output_dir, args.save_total_limit, keep_step=best["step"])
-        tqdm.write(f"saved {path}")
+        written(path, checkpoint.save_checkpoint, args.output_dir, step, model, processor, state, summary,
+                card=card_for(path, evaluation))
+        checkpoint.rotate_checkpoints(args.output_dir, args.save_total_limit, keep_steps=(best["step"], resume_step))
+        say(f"saved {path}")
         if args.push_to_hub and args.hub_strategy == "every_save":
             push(f"best model at step {best['step']} (training step {step})")
 
     # ---- the loop: one iteration = one optimizer step over grad_accum micro-batches
     model.train()
     bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not sys.stderr.isatty())
+               disable=not (sys.stderr.isatty() and main_rank))
     last_save = step  # a resumed run starts from a saved step
     last_eval = step if history and history[-1]["step"] == step else -1
-    window_loss, window_steps, window_samples, window_t0 = 0.0, 0, 0, time.time()
+    window_t0 = time.time()
     bad_in_a_row = 0
     # Ctrl-C or SIGTERM (a scheduler taking the machine back) ends the run at the next step
-    # boundary with a checkpoint; a second one interrupts at once.
-    stop_signal = []
+    # boundary with a checkpoint; a second one interrupts at once. Under torchrun the ranks agree
+    # on it at the start of each step, so all of them stop after the same one.
+    stop_signal, stopped = [], False
 
     def on_signal(signum, frame):
         if stop_signal:
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
         stop_signal.append(signal.Signals(signum).name)
-        tqdm.write(f"{stop_signal[0]}: finishing this step and saving a checkpoint (again to stop at once)")
+        say(f"{stop_signal[0]}: finishing this step and saving a checkpoint (again to stop at once)")
 
     previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    while step < max_steps and not stop_signal:
-        train_sampler.set_epoch(epoch, start=batches_done * args.batch_size)
-        train_set.set_epoch(epoch)
-        batches = iter(train_loader)
+    while step < max_steps and not stopped:
+        batches = data.epoch_batches(train_loader, epoch, start=batches_done * args.batch_size, seed=args.seed)
         while step < max_steps:
             micro = list(itertools.islice(batches, args.grad_accum))
             if not micro:
                 break
+            # Normalise by the target tokens of the whole accumulated batch (on all ranks), so every
+            # caption token weighs the same however the batch was cut into micro-batches and ranks.
+            n_tokens, stops = global_sum(sum(num_targets(b) for b in micro), len(stop_signal))
+            if stops:
+                stopped = True
+                break
             batches_done += len(micro)
-            # Normalise by the target tokens of the whole accumulated batch, so every caption token
-            # weighs the same however the batch was cut into micro-batches.
-            n_tokens = sum(num_targets(b) for b in micro)
             step_loss = torch.zeros((), device=device)
-            for b in micro:
+            for k, b in enumerate(micro):
                 b = to_device(b, device)
-                with autocast():
-                    loss = caption_loss(model, b, n_tokens)
-                scaler.scale(loss).backward()
-                step_loss += loss.detach()  # no .item() here: one device sync per step, not per micro-batch
+                # Gradients are averaged across ranks once per optimizer step, in the last backward.
+                sync = contextlib.nullcontext() if world == 1 or k == len(micro) - 1 else net.no_sync()
+                with sync:
+                    with autocast():
+                        # DDP averages over ranks; the world factor turns that average into the sum.
+                        loss = caption_loss(net, b, n_tokens / world)
+                    scaler.scale(loss).backward()
+                step_loss += loss.detach() / world  # no .item() here: one device sync per step at most
+            if world > 1:
+                dist.all_reduce(step_loss)
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
             if use_scaler:  # fp16: the scaler skips a step with inf/nan gradients and lowers its scale
@@ -479,58 +584,67 @@ def main(argv=None):
                 fail(f"stopped at step {step}: the loss was not finite for {bad_in_a_row} steps in a row "
                      f"(--max-bad-steps); the last good checkpoint is left as it was")
 
-            step_loss = step_loss.item()
-            window_loss += step_loss
-            window_steps += 1
-            window_samples += sum(len(b["index"]) for b in micro)
-            lr = scheduler.get_last_lr()[0]
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            window["loss"] += step_loss
+            window["steps"] += 1
+            window["samples"] += sum(len(b["index"]) for b in micro) * world
             if step % args.logging_steps == 0 or step == max_steps:
-                speed = window_samples / (time.time() - window_t0)
-                writer.add_scalar("train/loss", window_loss / window_steps, step)
-                train_log.append((step, window_loss / window_steps))
+                mean_loss, lr = float(window["loss"]) / window["steps"], scheduler.get_last_lr()[0]
+                speed = window["samples"] / (time.time() - window_t0)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+                writer.add_scalar("train/loss", mean_loss, step)
+                train_log.append((step, mean_loss))
                 writer.add_scalar("train/lr", lr, step)
                 writer.add_scalar("train/grad_norm", float(grad_norm), step)
                 writer.add_scalar("train/samples_per_second", speed, step)
                 writer.add_scalar("train/skipped_steps", skipped_steps, step)
-                tqdm.write(f"step {step}/{max_steps} | epoch {epoch + batches_done / batches_per_epoch:.2f} | "
-                           f"loss {window_loss / window_steps:.4f} | lr {lr:.3e} | grad_norm {float(grad_norm):.3f} "
-                           f"| {speed:.1f} samples/s" + (f" | {skipped_steps} steps skipped (non-finite)"
-                                                         if skipped_steps else ""))
-                window_loss, window_steps, window_samples = 0.0, 0, 0
+                say(f"step {step}/{max_steps} | epoch {epoch + batches_done / batches_per_epoch:.2f} | "
+                    f"loss {mean_loss:.4f} | lr {lr:.3e} | grad_norm {float(grad_norm):.3f} "
+                    f"| {speed:.1f} samples/s" + (f" | {skipped_steps} steps skipped (non-finite)"
+                                                  if skipped_steps else ""))
+                window = {"loss": 0.0, "steps": 0, "samples": 0}
             if step % args.eval_steps == 0 or step == max_steps:
                 run_eval()
                 last_eval = step
-            if step % args.save_steps == 0 or step == max_steps or stop_signal:
+            if step % args.save_steps == 0 or step == max_steps:
                 save()
                 last_save = step
-            window_t0 = time.time() if window_steps == 0 else window_t0
-            if stop_signal:
-                break
+            window_t0 = time.time() if window["steps"] == 0 else window_t0
         else:
             break
-        epoch, batches_done = epoch + 1, 0
+        if not stopped:
+            epoch, batches_done = epoch + 1, 0
     bar.close()
     for s, handler in previous_handlers.items():
         signal.signal(s, handler)
-    if stop_signal:
+    if stopped:
+        if last_save != step:
+            save()
         writer.close()
-        print(f"stopped by {stop_signal[0]} at step {step}; checkpoint saved in {os.path.join(args.output_dir, f'checkpoint-{step}')}; "
-              f"continue with the same command plus --resume", flush=True)
+        if world > 1:
+            barrier()  # rank 0 may still be writing: leave together
+            dist.destroy_process_group()
+        say(f"stopped by {stop_signal[0] if stop_signal else 'a signal to another rank'} at step {step}; "
+            f"checkpoint saved in {os.path.join(args.output_dir, f'checkpoint-{step}')}; "
+            f"continue with the same command plus --resume")
         return best
     if last_eval != step:
         run_eval()
     if last_save != step:
         save()
     writer.close()
-    draw_curves(os.path.join(args.output_dir, "curves.png"), train_log, history)
-    print(f"done: {step} steps | best eval {best['metric']} {best['value']:.4f} at step {best['step']} | "
-          f"best model in {os.path.join(args.output_dir, 'best')} | "
-          f"tensorboard --logdir {os.path.join(args.output_dir, 'runs')}", flush=True)
-    if args.push_to_hub:
+    if world > 1:
+        barrier()  # rank 0 may still be writing: leave together
+        dist.destroy_process_group()
+    if main_rank:
+        path = os.path.join(args.output_dir, "curves.png")
+        written(path, draw_curves, path, train_log, history)
+    say(f"done: {step} steps | best eval {best['metric']} {best['value']:.4f} at step {best['step']} | "
+        f"best model in {os.path.join(args.output_dir, 'best')} | "
+        f"tensorboard --logdir {os.path.join(args.output_dir, 'runs')}")
+    if args.push_to_hub and main_rank:
         if not push(f"best model: eval {best['metric']} {best['value']:.4f} at step {best['step']}"):
             sys.exit(1)
-        print(f"uploaded {os.path.join(args.output_dir, 'best')} to {args.hub_model_id}", flush=True)
+        say(f"uploaded {os.path.join(args.output_dir, 'best')} to {args.hub_model_id}")
     return best
 
 

@@ -1,0 +1,203 @@
+"""Nothing lost: runs killed with SIGKILL and resumed, half-written checkpoints, failed writes,
+and torchrun data parallelism on CPU (gloo) against one process."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import checkpoint
+import train
+from conftest import ROOT
+
+# 89 scenes -> 80 train, 9 eval. Batch 8 with 2 micro-batches a step: 5 steps an epoch, so the
+# runs below cross an epoch boundary; logging every 2 steps and saving every 3 puts the logging
+# windows across the checkpoints. The tiny GIT has dropout, so RNG streams must be restored too.
+RUN = ["--dataset", "synthetic", "--synthetic-size", "89", "--batch-size", "8", "--grad-accum", "2",
+       "--eval-batch-size", "4", "--learning-rate", "1e-3", "--precision", "fp32", "--max-steps", "8",
+       "--logging-steps", "2", "--save-steps", "3", "--eval-steps", "4", "--num-examples", "1"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def train_cli(out, model, *extra, crash=None, torchrun=None):
+    """Run train.py in a new process: plainly, under tests/crash.py, or under torchrun."""
+    args = [*RUN, "--model", model, "--output-dir", str(out), *extra]
+    if crash:
+        cmd = [sys.executable, os.path.join(ROOT, "tests", "crash.py"), *crash, "--", *args]
+    elif torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(torchrun),
+               os.path.join(ROOT, "train.py"), *args]
+    else:
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args]
+    # torchrun ranks each get one thread, so two ranks share this 2-core machine without oversubscribing it.
+    env = {**ENV, "OMP_NUM_THREADS": "1"} if torchrun else ENV
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def final_state(out, step=8):
+    return torch.load(os.path.join(out, f"checkpoint-{step}", checkpoint.STATE_FILE), weights_only=True)
+
+
+def weights(out, step=8):
+    return load_file(os.path.join(out, f"checkpoint-{step}", "model.safetensors"))
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+def scalars(out, tag):
+    events = EventAccumulator(os.path.join(out, "runs"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+@pytest.fixture(scope="module", params=["0", "2"], ids=["workers0", "workers2"])
+def reference(request, tmp_path_factory, tiny_model_dir):
+    """An uninterrupted run, with --num-workers 0 or 2."""
+    out = tmp_path_factory.mktemp(f"reference-{request.param}")
+    proc = train_cli(out, tiny_model_dir, "--num-workers", request.param)
+    assert proc.returncode == 0, proc.stderr
+    return request.param, str(out)
+
+
+# (where to kill, which call, the checkpoint the resume starts from)
+KILLS = [("accumulation", 14, 6),  # 2nd micro-batch of step 7: one backward done, no optimizer step yet
+         ("evaluation", 2, 3),     # 2nd eval batch at step 4, after step 4 was logged to TensorBoard
+         ("checkpoint", 2, 3)]     # half of checkpoint-6/training_state.pt written
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point, call, resumes_from", KILLS, ids=[k[0] for k in KILLS])
+def test_sigkill_then_resume_equals_an_uninterrupted_run(reference, tmp_path, tiny_model_dir, point, call,
+                                                         resumes_from):
+    workers, ref = reference
+    out = tmp_path / "run"
+    killed = train_cli(out, tiny_model_dir, "--num-workers", workers, crash=(point, str(call)))
+    assert killed.returncode == -9, killed.stderr
+    resumed = train_cli(out, tiny_model_dir, "--num-workers", workers, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {out / f'checkpoint-{resumes_from}'} at step {resumes_from}" in resumed.stdout
+    if point == "checkpoint":  # the half-written folder is named, removed, and not resumed from
+        assert any(line.startswith(f"{out}: removed checkpoint-6.tmp-") for line in resumed.stdout.splitlines())
+        assert not list(out.glob("*.tmp-*"))
+
+    a, b = final_state(ref), final_state(out)
+    assert b["step"] == a["step"] == 8
+    assert [s for s, _ in b["train_log"]] == [s for s, _ in a["train_log"]] == [2, 4, 6, 8]
+    torch.testing.assert_close([v for _, v in b["train_log"]], [v for _, v in a["train_log"]], atol=1e-6, rtol=0)
+    assert [(h["step"], h["wer"]) for h in b["history"]] == [(h["step"], h["wer"]) for h in a["history"]]
+    assert_same_weights(weights(ref), weights(out))
+    # TensorBoard: one curve, each step once, the same values as the uninterrupted run.
+    for tag in ("train/loss", "eval/wer"):
+        got, want = scalars(out, tag), scalars(ref, tag)
+        assert [s for s, _ in got] == [s for s, _ in want], tag
+        torch.testing.assert_close([v for _, v in got], [v for _, v in want], atol=1e-5, rtol=0)
+
+
+def test_resume_restores_a_folder_a_crash_left_half_replaced(tmp_path):
+    # A crash between the two renames of write_atomically: best/ is gone, best.old-PID is whole.
+    (tmp_path / "best.old-123").mkdir()
+    (tmp_path / "best.old-123" / "model.safetensors").write_text("weights")
+    (tmp_path / "best.tmp-123").mkdir()
+    (tmp_path / "metrics.jsonl.tmp-9").write_text("{")
+    (tmp_path / "checkpoint-5").mkdir()  # someone's folder, no training_state.pt: named, left alone
+    report = checkpoint.tidy_interrupted_writes(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "checkpoint-5"]
+    assert (tmp_path / "best" / "model.safetensors").read_text() == "weights"
+    assert report == ["restored best from best.old-123 (a crash interrupted its replacement)",
+                      "removed best.tmp-123: an interrupted write",
+                      "ignored checkpoint-5: no training_state.pt, not a complete checkpoint",
+                      "removed metrics.jsonl.tmp-9: an interrupted write"]
+
+
+def test_rotation_keeps_the_checkpoint_the_run_resumed_from(tmp_path, tiny_model_dir):
+    # Evaluated at the end of each run only, and the loss falls: the best moves from 3 to 8, so
+    # checkpoint-3 survives the limit of 1 for being the one resumed from, not for being the best.
+    args = [*RUN, "--model", tiny_model_dir, "--save-total-limit", "1", "--eval-steps", "100",
+            "--metric-for-best", "eval_loss"]
+    train.main([*args, "--output-dir", str(tmp_path), "--max-steps", "3"])
+    train.main([*args, "--output-dir", str(tmp_path), "--resume"])
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-8"]
+    assert final_state(tmp_path)["best"]["step"] == 8
+
+
+def test_a_failed_write_of_best_or_metrics_is_one_line(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_model", full_disk)
+    with pytest.raises(SystemExit) as e:
+        train.main([*RUN, "--model", tiny_model_dir, "--output-dir", str(tmp_path), "--eval-steps", "2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: could not write {tmp_path / 'best'} (No space left on device); training stopped, "
+                   f"the checkpoints written before are intact"]
+
+
+def test_remote_code_runs_only_with_trust_remote_code(tmp_path, tiny_model_dir, capsys):
+    remote = tmp_path / "remote"
+    shutil.copytree(tiny_model_dir, remote)
+    config = json.loads((remote / "config.json").read_text())
+    config.update(model_type="git-custom", auto_map={"AutoConfig": "custom.Config",
+                                                     "AutoModelForCausalLM": "custom.Model"})
+    (remote / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "ran"
+    (remote / "custom.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import GitConfig, GitForCausalLM\n"
+        "class Config(GitConfig):\n    model_type = 'git-custom'\n"
+        "class Model(GitForCausalLM):\n    config_class = Config\n")
+    with pytest.raises(SystemExit) as e:
+        train.main([*RUN, "--model", str(remote), "--output-dir", str(tmp_path / "out")])
+    assert e.value.code == 2 and not marker.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "comes with its own Python code; pass --trust-remote-code" in err[0]
+
+
+@pytest.fixture(scope="module")
+def no_dropout_model(tmp_path_factory, tiny_model_dir):
+    """The tiny GIT without dropout: ranks and one process then compute the same function."""
+    out = tmp_path_factory.mktemp("no-dropout")
+    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
+    config = json.loads((out / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (out / "config.json").write_text(json.dumps(config))
+    return str(out)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, no_dropout_model):
+    ranks = train_cli(tmp_path / "ddp", no_dropout_model, "--batch-size", "4", torchrun=2)
+    assert ranks.returncode == 0, ranks.stderr
+    one = train_cli(tmp_path / "one", no_dropout_model, "--batch-size", "8")
+    assert one.returncode == 0, one.stderr
+    assert "2 processes, global batch 16" in ranks.stdout
+    assert ranks.stdout.count("saved ") == one.stdout.count("saved ") == 3  # rank 0 alone logs and saves
+    a, b = final_state(tmp_path / "ddp"), final_state(tmp_path / "one")
+    assert a["step"] == b["step"] == 8
+    torch.testing.assert_close([v for _, v in a["train_log"]], [v for _, v in b["train_log"]], atol=1e-5, rtol=0)
+    assert_same_weights(weights(tmp_path / "ddp"), weights(tmp_path / "one"), atol=1e-5)
+    # Evaluation: 9 images over 2 ranks (5 + 4), gathered, each scored once: the same scores.
+    for x, y in zip(a["history"], b["history"]):
+        assert x["step"] == y["step"] and x["wer"] == y["wer"] and x["cider_d"] == pytest.approx(y["cider_d"])
+        assert x["eval_loss"] == pytest.approx(y["eval_loss"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_torchrun_resumes_every_rank_from_the_same_checkpoint(tmp_path, tiny_model_dir):
+    full = train_cli(tmp_path / "full", tiny_model_dir, "--batch-size", "4", torchrun=2)
+    assert full.returncode == 0, full.stderr
+    os.makedirs(tmp_path / "resumed")
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    resumed = train_cli(tmp_path / "resumed", tiny_model_dir, "--batch-size", "4", "--resume", torchrun=2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(final_state(tmp_path / "full")["rng"]) == 2  # each rank's own streams (dropout) are kept
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "resumed"))
