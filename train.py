@@ -32,8 +32,8 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + error
-        self.exit(2, f"{self.prog}: error: {message}\n")
+    def error(self, message):  # one line, not usage + error; under torchrun from rank 0 only
+        self.exit(2, f"{self.prog}: error: {message}\n" if os.environ.get("RANK", "0") == "0" else None)
 
 
 def parse_args(argv=None, **defaults):

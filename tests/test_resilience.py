@@ -201,3 +201,35 @@ def test_torchrun_resumes_every_rank_from_the_same_checkpoint(tmp_path, tiny_mod
     assert resumed.returncode == 0, resumed.stderr
     assert len(final_state(tmp_path / "full")["rng"]) == 2  # each rank's own streams (dropout) are kept
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "resumed"))
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           os.path.join(ROOT, "train.py"), *RUN, "--model", tiny_model_dir, "--output-dir", str(out),
+           "--max-steps", "100000", "--logging-steps", "1", "--eval-steps", "100000", "--save-steps", "100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**ENV, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:  # wait until training is under way
+        if line.startswith("step 3/"):
+            proc.terminate()  # torchrun passes SIGTERM on to both ranks
+            break
+    rest, _ = proc.communicate(timeout=300)
+    # torchrun itself then exits non-zero with its own report of the signal; the ranks saved first.
+    stopped = [line for line in rest.splitlines() if line.startswith("stopped by SIGTERM at step")]
+    assert len(stopped) == 1 and "--resume" in stopped[0], rest
+    step = int(stopped[0].split(" at step ")[1].split(";")[0])
+    assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{step}"]
+    assert len(final_state(out, step)["rng"]) == 2  # both ranks reached the save together
+
+
+def test_fp16_resume_restores_the_grad_scaler(tmp_path, tiny_model_dir):
+    args = [*RUN, "--model", tiny_model_dir, "--precision", "fp16", "--eval-steps", "100"]
+    train.main([*args, "--output-dir", str(tmp_path / "full")])
+    os.makedirs(tmp_path / "resumed")
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    train.main([*args, "--output-dir", str(tmp_path / "resumed"), "--resume"])
+    a, b = final_state(tmp_path / "full"), final_state(tmp_path / "resumed")
+    assert a["scaler"]["scale"] == b["scaler"]["scale"] and a["scaler"]["_growth_tracker"] == b["scaler"]["_growth_tracker"]
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "resumed"))
