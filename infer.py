@@ -164,7 +164,7 @@ def generate(model, processor, device, amp_dtype, images, max_length=50, batch_s
     out = []
     for i in range(0, len(images), batch_size):
         pixels = processor.image_processor(images=images[i:i + batch_size], return_tensors="pt")["pixel_values"]
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             ids = model.generate(pixel_values=pixels.to(device), **options)
         texts = processor.batch_decode(ids, skip_special_tokens=True)
         out += [texts[k:k + num_captions] for k in range(0, len(texts), num_captions)]

@@ -1,6 +1,8 @@
 """Offline fixtures: a tiny GIT saved with save_pretrained, and synthetic datasets on disk."""
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -9,6 +11,12 @@ sys.path.insert(0, ROOT)
 # No test may touch the network: the Hub is unreachable here and in CI.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+# The preprocessed-image cache of this test session (subprocesses inherit it), not the user's.
+os.environ["GIT_CAPTION_CACHE"] = tempfile.mkdtemp(prefix="git-caption-cache-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(os.environ["GIT_CAPTION_CACHE"], ignore_errors=True)
 
 import data  # noqa: E402
 from model import build_tiny_git  # noqa: E402

@@ -2,6 +2,7 @@ import csv
 import io
 import json
 import os
+import shutil
 
 import datasets
 import numpy as np
@@ -211,3 +212,39 @@ def test_a_list_column_gives_several_references_per_image(tmp_path):
     table.save_to_disk(str(tmp_path / "multi"))
     images, captions = data.read_rows(data.load_source(str(tmp_path / "multi")), "image", "captions", "train")
     assert captions == refs and len(images) == 6
+
+
+def test_uint8_pixels_normalised_in_collate_equal_the_processors_output(tiny_model_dir):
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    images = [data.synthetic_scene(3, i, size=300)[0] for i in range(5)]
+    ds = data.build_dataset(images, [["a caption"]] * 5, processor, max_text_length=12)
+    assert ds.pixels.dtype == np.uint8 and ds.pixels.shape == (5, 3, 64, 64)
+    batch = next(iter(data.make_loader(ds, 5, data.EpochSampler(5, shuffle=False), pad_id=0)))
+    expected = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(batch["pixel_values"], expected, atol=1e-6, rtol=0)
+
+
+def test_prepared_splits_are_cached_and_reread_without_decoding(imagefolder, tmp_path, tiny_model_dir, monkeypatch):
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    folder = tmp_path / "data"
+    shutil.copytree(imagefolder, folder)
+    os.remove(folder / "000003.png")  # a bad row: listed in `skipped`, also when read from the cache
+    table = data.load_source(str(folder))["train"]
+    skipped = []
+    fresh, captions = data.prepare_split(table, "image", "text", "train", processor.image_processor, skipped,
+                                         str(tmp_path / "cache"))
+    assert len(captions) == 39 and len(skipped) == 1 and "000003.png" in skipped[0]
+
+    decoded, real_open = [], data.open_image
+    monkeypatch.setattr(data, "open_image", lambda source: decoded.append(source) or real_open(source))
+    again_skipped = []
+    cached, again = data.prepare_split(table, "image", "text", "train", processor.image_processor, again_skipped,
+                                       str(tmp_path / "cache"))
+    assert decoded == [] and isinstance(cached, np.memmap)  # read from disk, mapped, not decoded
+    assert np.array_equal(cached, fresh) and again == captions and again_skipped == skipped
+    with pytest.raises(data.DataError, match="000003.png"):  # --on-bad-sample error, from the cache too
+        data.prepare_split(table, "image", "text", "train", processor.image_processor, None, str(tmp_path / "cache"))
+    in_memory, _ = data.prepare_split(table.select(range(10)), "image", "text", "train", processor.image_processor,
+                                      [], None)
+    assert len(decoded) == 10 and len(in_memory) == 9  # no cache: decoded every time (row 3 is the bad one)
+    assert sorted(os.listdir(tmp_path / "cache"))[0].startswith("train-") and len(os.listdir(tmp_path / "cache")) == 1
