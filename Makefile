@@ -30,3 +30,14 @@ demo: venv
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
+
+# Training speed of the guide's Trainer recipe and of train.py on the same data, model and steps
+# (about 15 min on 2 CPU cores; run it alone on the machine). Numbers in bench/results.json.
+.PHONY: bench
+bench: $(VENV)/.installed-bench
+	$(PY) bench/bench.py
+
+$(VENV)/.installed-bench: requirements.txt requirements-bench.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-bench.txt
+	touch $@

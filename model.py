@@ -14,6 +14,17 @@ TINY_PRESETS = {
         text=dict(hidden_size=192, intermediate_size=576, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=128),
     ),
+    # microsoft/git-base's architecture (GitConfig's defaults), randomly initialised: for measuring
+    # speed at the real size offline. The output layer keeps git-base's 30522 rows although the
+    # learned tokenizer is far smaller, and captions pad to 512 as git-base's processor says.
+    "base-scratch": dict(
+        vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                    image_size=224, patch_size=16),
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=6, num_attention_heads=12,
+                  max_position_embeddings=1024),
+        vocab_size=30522,
+        model_max_length=512,
+    ),
 }
 
 
@@ -38,13 +49,15 @@ def build_tiny_git(captions, out_dir, preset="tiny", vocab_size=2000, seed=0):
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
     wordpiece.train_from_iterator(captions, trainer)
     tokenizer = BertTokenizerFast(vocab=wordpiece.get_vocab(), do_lower_case=True)
-    tokenizer.model_max_length = TINY_PRESETS[preset]["text"]["max_position_embeddings"]
 
     cfg = TINY_PRESETS[preset]
+    tokenizer.model_max_length = cfg.get("model_max_length", cfg["text"]["max_position_embeddings"])
     size = cfg["vision"]["image_size"]
     image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    # A preset may ask for a larger output layer than the learned vocabulary (a real model's size).
+    vocab = max(len(tokenizer), cfg.get("vocab_size", 0))
     config = GitConfig(
-        vision_config=cfg["vision"], vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+        vision_config=cfg["vision"], vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id, **cfg["text"],
     )
     torch.manual_seed(seed)

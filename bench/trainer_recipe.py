@@ -1,14 +1,19 @@
 """Baseline: fine-tune GIT with the HF Trainer as the Transformers "Image captioning" guide does.
 
-The one change to the recipe: captions are padded to the longest in each batch, not to 512.
-Kept from the recipe on purpose: labels are the input ids, so the loss also trains on padding;
-model selection uses eval loss; the guide's compute_metrics (WER of argmax logits vs labels).
-That metric compares misaligned sequences (GIT's logits include the image-token positions), so
-after training we also score captions written by model.generate on the held-out split, with the
-same data loading and scoring code as train.py.
+By default one change to the recipe: captions are padded to the longest in each batch, not to
+512 (`--padding max_length` restores the guide's padding to the tokenizer's model_max_length).
+Kept from the recipe on purpose: images are decoded and preprocessed by the `set_transform` at
+every batch; labels are the input ids, so the loss also trains on padding; model selection uses
+eval loss; the guide's compute_metrics (WER of argmax logits vs labels). That metric compares
+misaligned sequences (GIT's logits include the image-token positions), so after training we also
+score captions written by model.generate on the held-out split, with the same scoring code as
+train.py (`--skip-generation-eval` leaves that out, for speed measurements).
+
+Takes train.py's flags (same names, defaults and checks) plus the two above.
 
     python bench/trainer_recipe.py --model tiny --dataset synthetic --max-steps 200
 """
+import argparse
 import json
 import os
 import sys
@@ -18,9 +23,25 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    own = argparse.ArgumentParser(add_help=False, usage=argparse.SUPPRESS)
+    own.add_argument("--padding", choices=("longest", "max_length"), default="longest",
+                     help="longest: pad each batch to its longest caption; max_length: the guide's padding "
+                          "to the tokenizer's model_max_length")
+    own.add_argument("--skip-generation-eval", action="store_true",
+                     help="do not caption the held-out images after training")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print("trainer_recipe.py's own flags (the others are train.py's, below):\n" + own.format_help())
+    extra, rest = own.parse_known_args(argv)
     # The same flags (names, defaults, checks) as train.py, so both programs get the same run.
-    args = train.parse_args(argv, output_dir="bench-trainer-out")
+    args = train.parse_args(rest, output_dir="bench-trainer-out")
+    args.padding, args.skip_generation_eval = extra.padding, extra.skip_generation_eval
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     train.hub.offline_unless_needed(*[n for n in (args.dataset, args.model) if n != "synthetic" and n not in train.TINY])
     import datasets
     import jiwer
@@ -35,20 +56,31 @@ def main(argv=None):
     transformers.logging.disable_progress_bar()  # weight-loading bars; the Trainer keeps its own
     datasets.disable_progress_bars()
 
-    train_images, train_captions, eval_images, eval_captions = train.load_splits(args)
+    # As in the guide, images stay encoded in the table until a batch needs them, so decoding is
+    # part of every training step (train.py decodes each image once, before training).
+    try:
+        train_table, eval_table = train.load_tables(args)
+    except data.DataError as e:
+        train.fail(str(e))
+    for table, what in ((train_table, "train"), (eval_table, "eval")):
+        bad = next((i for i, text in enumerate(table[args.text_column]) if not data.caption_refs(text)), None)
+        if bad is not None:  # an unreadable image only shows when its batch is decoded, as in the guide
+            train.fail(f"{what} row {bad}: no caption in column {args.text_column!r}")
+    train_captions = [[c] for c in data.caption_texts(train_table, args.text_column)]
     model, processor = train.load_or_build_model(args, train_captions)
 
-    # The recipe trains on one caption per image: the first reference, as train.py evaluates.
-    def table(images, captions):
-        return datasets.Dataset.from_dict({"image": images, "text": [refs[0] for refs in captions]})
-
     def transforms(batch):
-        # The DataLoader fetches a whole batch through Dataset.__getitems__, so "longest" pads per batch.
-        inputs = processor(images=batch["image"], text=batch["text"], padding="longest")
+        images = [data.open_image(data.image_cell(cell, i)[1]) for i, cell in enumerate(batch[args.image_column])]
+        # The recipe trains on one caption per image: the first reference, as train.py evaluates.
+        texts = [data.caption_refs(text)[0] for text in batch[args.text_column]]
+        # The DataLoader fetches a whole batch through Dataset.__getitems__, so "longest" pads per
+        # batch; "max_length" pads to model_max_length (512 for git-base), as the guide does.
+        inputs = processor(images=images, text=texts, padding=args.padding)
         inputs["labels"] = inputs["input_ids"]
         return inputs
 
-    train_ds, eval_ds = table(train_images, train_captions), table(eval_images, eval_captions)
+    train_ds = data.undecoded(train_table, args.image_column)
+    eval_ds = data.undecoded(eval_table, args.image_column)
     train_ds.set_transform(transforms)
     eval_ds.set_transform(transforms)
 
@@ -105,36 +137,37 @@ def main(argv=None):
     evals = [h for h in trainer.state.log_history if "eval_wer_score" in h]
     argmax_wer = evals[-1]["eval_wer_score"] if evals else None
 
-    # Honest evaluation: captions the (best) model writes itself, scored as train.py scores them.
-    model = trainer.model
-    model.eval()
-    pixels = data.pixel_values(processor.image_processor, eval_images)
-    predictions = []
-    with torch.no_grad(), torch.autocast(model.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        for i in range(0, len(pixels), args.eval_batch_size):
-            batch = pixels[i:i + args.eval_batch_size].to(model.device)
-            generated = model.generate(pixel_values=batch, max_length=args.gen_max_length)
-            predictions += processor.batch_decode(generated, skip_special_tokens=True)
-    scores = metrics.caption_scores(predictions, eval_captions)
-
     result = {
         "precision": precision,
+        "padding": args.padding,
         "train_seconds": train_seconds,
         "train_samples_per_second": train_output.metrics["train_samples_per_second"],
         "global_steps": train_output.global_step,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "recipe_argmax_wer_last_eval": argmax_wer,
-        "generation_wer": scores["wer"],
-        "generation_cer": scores["cer"],
-        "eval_images": len(eval_images),
+        "eval_images": len(eval_table),
     }
     print(f"train_seconds: {train_seconds:.1f}")
     print(f"train_samples_per_second: {result['train_samples_per_second']:.2f} (Trainer's figure, includes eval and saves)")
     print(f"recipe_argmax_wer_last_eval: {argmax_wer if argmax_wer is None else round(argmax_wer, 4)} (misaligned, misleading)")
-    print(f"generation_wer: {scores['wer']:.4f}")
-    print(f"generation_cer: {scores['cer']:.4f}")
-    for k in range(min(3, len(predictions))):
-        print(f"  gen: {predictions[k]!r}\n  ref: {eval_captions[k][0]!r}")
+    if not args.skip_generation_eval:
+        # Honest evaluation: captions the (best) model writes itself, scored as train.py scores them.
+        eval_images, eval_captions = data.read_rows(eval_table, args.image_column, args.text_column, "eval")
+        model = trainer.model
+        model.eval()
+        pixels = data.pixel_values(processor.image_processor, eval_images)
+        predictions = []
+        with torch.no_grad(), torch.autocast(model.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            for i in range(0, len(pixels), args.eval_batch_size):
+                batch = pixels[i:i + args.eval_batch_size].to(model.device)
+                generated = model.generate(pixel_values=batch, max_length=args.gen_max_length)
+                predictions += processor.batch_decode(generated, skip_special_tokens=True)
+        scores = metrics.caption_scores(predictions, eval_captions)
+        result.update(generation_wer=scores["wer"], generation_cer=scores["cer"])
+        print(f"generation_wer: {scores['wer']:.4f}")
+        print(f"generation_cer: {scores['cer']:.4f}")
+        for k in range(min(3, len(predictions))):
+            print(f"  gen: {predictions[k]!r}\n  ref: {eval_captions[k][0]!r}")
     with open(os.path.join(args.output_dir, "bench_result.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result

@@ -1,8 +1,12 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoProcessor, GitForCausalLM
 
 from hub import looks_like_path
+from conftest import ROOT
 from model import ModelLoadError, load_model
 
 
@@ -48,3 +52,16 @@ def test_missing_or_unreachable_models_are_one_line_errors(tmp_path):
                                         ("/abs/model", True), ("out/run/best", True), ("folder/", True)])
 def test_local_paths_are_told_from_hub_ids(name, local):
     assert looks_like_path(name) == local
+
+
+def test_the_same_seed_builds_the_same_tiny_git_in_every_process(tmp_path):
+    # The WordPiece trainer breaks ties between merges differently in each process (the learned
+    # pieces differ); the ids of the words the captions use, and so the model, must not.
+    script = ("import sys, json, data\nfrom model import build_tiny_git\nfrom transformers import AutoTokenizer\n"
+              "caps = [data.synthetic_scene(0, i)[1] for i in range(300)]\n"
+              "t = AutoTokenizer.from_pretrained(build_tiny_git(caps, sys.argv[1], seed=0))\n"
+              "print(json.dumps(t(caps)['input_ids']))\n")
+    runs = [subprocess.run([sys.executable, "-c", script, str(tmp_path / f"m{k}")], capture_output=True, text=True,
+                           cwd=ROOT) for k in range(3)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr
+    assert runs[0].stdout == runs[1].stdout == runs[2].stdout

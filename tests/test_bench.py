@@ -1,0 +1,31 @@
+"""bench/bench.py --quick: the three programs train the same tiny model on the same images and
+the report holds a speed and a peak memory for each (no timing thresholds: this machine is shared)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_quick_bench_reports_speed_and_memory_of_the_three_programs(tmp_path):
+    out = tmp_path / "results.json"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench.py"), "--quick", "--out", str(out),
+                          "--work-dir", str(tmp_path / "work")], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    programs = report["train"]["small"]["programs"]
+    assert set(programs) == {"recipe", "trainer-dynamic", "ours"}
+    for name, result in programs.items():
+        assert result["steps_recorded"] == result["max_steps"] == 4, name  # one stamp per optimizer step
+        assert result["timed_steps"] == 3, name
+        assert result["seconds_per_step"] > 0 and result["samples_per_second"] > 0, name
+        assert result["peak_rss_mib"] > 0 and result["ours_speedup"] > 0, name
+    assert 0 <= programs["ours"]["data_wait_share"] <= 1
+    assert report["machine"]["cores"] > 0 and report["command"].endswith(f"--work-dir {tmp_path / 'work'}")
+    assert "ours is x faster" in run.stdout
+    # the work folder holds no program outputs afterwards, only logs, data, models and caches
+    assert not [p for p in os.listdir(tmp_path / "work" / "runs") if not p.endswith(".timing.json")]
