@@ -522,7 +522,7 @@ def bench_scaling(args, model_dir):
         print(f"  batch {row['batch_size']:>3}: {row['samples_per_second'] or 0:8.1f} samples/s")
     for row in result["dataset"]:
         print(f"  {row['images']:>5} images ({row['factor']:>2}x): one epoch {row['epoch_seconds'] or 0:6.1f} s of "
-              f"training, {row['process_seconds']:6.1f} s for the whole process (first run: images decoded and cached)")
+              f"training, {row['process_seconds']:6.1f} s for the whole process (with decoding the images into the cache when it is not filled yet)")
     return result
 
 
