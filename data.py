@@ -476,7 +476,7 @@ def fail(message):
 
 
 def cli_splits(args):
-    """(train table, eval table, how the eval split was made) as train.py's load_splits gets them."""
+    """(train table, eval table, how the eval split was made) as train.py's load_tables gets them."""
     if args.dataset != SYNTHETIC:
         from hub import offline_unless_needed
 

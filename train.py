@@ -46,7 +46,8 @@ def parse_args(argv=None, **defaults):
     a("--test-size", type=float, default=0.1, help="held-out fraction when the source has no eval split")
     a("--synthetic-size", type=int, default=1000, help="scenes in --dataset synthetic")
     a("--model", default="microsoft/git-base",
-      help="Hub id, save_pretrained folder, or 'tiny' (a small GIT from scratch, tokenizer learned from the captions)")
+      help="Hub id, save_pretrained folder, 'tiny' (a small GIT from scratch, tokenizer learned from the "
+           "captions) or 'base-scratch' (git-base's architecture, random: for speed measurements)")
     a("--output-dir", default="git-base-pokemon")
     a("--overwrite-output-dir", action="store_true", help="delete an earlier run's checkpoints in --output-dir")
     a("--epochs", "--num-train-epochs", dest="epochs", type=float, default=50)
@@ -236,21 +237,6 @@ def load_tables(args):
     data.check_columns(train_table, args.image_column, args.text_column, "train")
     data.check_columns(eval_table, args.image_column, args.text_column, "eval")
     return train_table, eval_table
-
-
-def load_splits(args, skipped=None):
-    """(train images, train captions, eval images, eval captions) with every image decoded (PIL), for
-    bench/trainer_recipe.py; raises data.DataError. With a `skipped` list, bad rows are left out and
-    described there instead of raising."""
-    import data
-
-    train_table, eval_table = load_tables(args)
-    train = data.read_rows(train_table, args.image_column, args.text_column, "train", skipped)
-    held_out = data.read_rows(eval_table, args.image_column, args.text_column, "eval", skipped)
-    for what, (images, _) in (("train", train), ("eval", held_out)):
-        if not images:
-            raise data.DataError(f"no usable {what} rows left in {args.dataset!r} after skipping bad ones")
-    return (*train, *held_out)
 
 
 def load_or_build_model(args, train_captions, resume_from=None, build=True):
