@@ -22,7 +22,9 @@ import signal
 import sys
 import time
 
+import distributed
 import hub
+import report
 from model import TINY_PRESETS as TINY
 from model import pick_precision
 
@@ -33,7 +35,7 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + error; under torchrun from rank 0 only
-        self.exit(2, f"{self.prog}: error: {message}\n" if os.environ.get("RANK", "0") == "0" else None)
+        self.exit(2, f"{self.prog}: error: {message}\n" if first_rank() else None)
 
 
 def parse_args(argv=None, **defaults):
@@ -112,8 +114,13 @@ def parse_args(argv=None, **defaults):
     return args
 
 
+def first_rank():
+    """True but in torchrun's ranks 1, 2...: every rank meets the same bad flag or data, and one says so."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def fail(message):
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same error: say it once
+    if first_rank():
         print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -124,23 +131,6 @@ def pick_device(name):
     if name == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for, but no CUDA GPU is available")
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else name if name != "auto" else "cpu")
-
-
-def init_distributed(device_name):
-    """(device, rank, world size). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK for each process
-    it starts; plain `python train.py` is a world of one and needs no process group."""
-    import torch
-    import torch.distributed as dist
-
-    device = pick_device(device_name)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return device, 0, 1
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, dist.get_rank(), world
 
 
 def lr_factor(schedule, warmup, total):
@@ -204,7 +194,6 @@ def evaluate(model, processor, loader, device, autocast, gen_max_length, world=1
     """Teacher-forced loss over the eval split (first reference) and the captions generate() writes.
     Under torchrun each rank scores its shard and the results are gathered on every rank."""
     import torch
-    import torch.distributed as dist
 
     model.eval()
     loss_sum, tokens, predictions, order = 0.0, 0, [], []
@@ -219,10 +208,7 @@ def evaluate(model, processor, loader, device, autocast, gen_max_length, world=1
             predictions += processor.batch_decode(generated, skip_special_tokens=True)
             order += batch["index"].tolist()
     model.train()
-    shards = [(loss_sum, tokens, list(zip(order, predictions)))]
-    if world > 1:
-        shards = [None] * world
-        dist.all_gather_object(shards, (loss_sum, tokens, list(zip(order, predictions))))
+    shards = distributed.gather((loss_sum, tokens, list(zip(order, predictions))), world)
     by_index = dict(pair for _, _, pairs in shards for pair in pairs)
     loss = sum(s[0] for s in shards) / max(sum(s[1] for s in shards), 1)
     return loss, [by_index[i] for i in range(len(by_index))]
@@ -239,64 +225,19 @@ def load_tables(args):
     return train_table, eval_table
 
 
-def load_or_build_model(args, train_captions, resume_from=None, build=True):
-    """The checkpoint being resumed, a tiny GIT built for the captions, or --model; raises ModelLoadError.
-    build=False: another process builds the tiny GIT's folder; only load it."""
+def load_or_build_model(args, captions, resume_from=None, build=True):
+    """The checkpoint being resumed, a tiny GIT built for the training captions (a list of strings),
+    or --model; raises ModelLoadError. build=False: another process builds the tiny GIT's folder."""
     from model import build_tiny_git, is_tiny, load_model
 
-    trust = getattr(args, "trust_remote_code", False)
     if resume_from:
-        return load_model(resume_from, trust_remote_code=trust)
+        return load_model(resume_from, trust_remote_code=args.trust_remote_code)
     if is_tiny(args.model):
         init_dir = os.path.join(args.output_dir, "init-model")
         if build:
-            build_tiny_git([c for refs in train_captions for c in refs], init_dir, preset=args.model, seed=args.seed)
+            build_tiny_git(captions, init_dir, preset=args.model, seed=args.seed)
         return load_model(init_dir)
-    return load_model(args.model, trust_remote_code=trust)
-
-
-def caption_card(image, prediction, reference):
-    """A thumbnail with the generated caption (and the reference) written under it, for TensorBoard."""
-    import textwrap
-
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    thumb = image.copy()
-    thumb.thumbnail((224, 224))
-    lines = ["gen: " + l for l in textwrap.wrap(prediction or "(empty)", 36)]
-    lines += ["ref: " + l for l in textwrap.wrap(reference, 36)]
-    card = Image.new("RGB", (max(thumb.width, 240), thumb.height + 12 * len(lines) + 6), "white")
-    card.paste(thumb, (0, 0))
-    draw = ImageDraw.Draw(card)
-    for k, line in enumerate(lines):
-        draw.text((3, thumb.height + 3 + 12 * k), line, fill=(0, 0, 0))
-    return np.asarray(card)
-
-
-def draw_curves(path, train_log, history):
-    """Train loss and eval WER against optimizer step, one PNG for people who do not run TensorBoard."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
-    left.plot([s for s, _ in train_log], [v for _, v in train_log], marker=".")
-    left.set(title="train loss", xlabel="optimizer step")
-    right.plot([h["step"] for h in history], [h["wer"] for h in history], marker="o", color="tab:red")
-    right.set(title="eval WER (generated captions)", xlabel="optimizer step")
-    fig.tight_layout()
-    fig.savefig(f"{path}.tmp.png", dpi=100)
-    plt.close(fig)
-    os.replace(f"{path}.tmp.png", path)
-
-
-class Silent:
-    """Stands in for the TensorBoard writer on ranks other than 0."""
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
+    return load_model(args.model, trust_remote_code=args.trust_remote_code)
 
 
 def main(argv=None):
@@ -307,13 +248,13 @@ def main(argv=None):
         hub.offline_unless_needed(*[n for n in (args.dataset, args.model) if n != "synthetic" and n not in TINY])
     # Heavy imports after argument parsing, so --help and flag errors answer at once.
     import torch
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
     import datasets
     import transformers
 
+    import batches
     import checkpoint
     import data
     import metrics
@@ -325,7 +266,7 @@ def main(argv=None):
     transformers.logging.set_verbosity_error()  # the PIL-backend notice on every processor load is noise
     transformers.logging.disable_progress_bar()
     datasets.disable_progress_bars()
-    device, rank, world = init_distributed(args.device)
+    device, rank, world = distributed.init(pick_device(args.device))
     main_rank = rank == 0  # the one process that prints, logs and writes files
 
     def say(message):
@@ -337,16 +278,7 @@ def main(argv=None):
     amp_dtype, use_scaler = pick_precision(args.precision, device)
 
     def barrier():
-        if world > 1:
-            dist.barrier()
-
-    def global_sum(*values):
-        """Sums over ranks (one small all-reduce); the values themselves in a world of one."""
-        if world == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return tuple(t.tolist())
+        distributed.barrier(world)
 
     def written(what, write, *a, **kw):
         """A write that fails (disk full, no permission) stops the run in one line."""
@@ -394,7 +326,7 @@ def main(argv=None):
     if not main_rank:
         barrier()
     try:
-        model, processor = load_or_build_model(args, [[c] for c in tiny_captions], resume_from, build=main_rank)
+        model, processor = load_or_build_model(args, tiny_captions, resume_from, build=main_rank)
     except ModelLoadError as e:
         fail(f"{e}, or --model tiny to train a small GIT from scratch")
     if main_rank:
@@ -411,9 +343,9 @@ def main(argv=None):
     if not main_rank:
         barrier()
     try:
-        train_pixels, train_captions = data.prepare_split(train_table, args.image_column, args.text_column, "train",
+        train_pixels, train_captions = batches.prepare_split(train_table, args.image_column, args.text_column, "train",
                                                           processor.image_processor, skipped, cache_dir)
-        eval_pixels, eval_captions = data.prepare_split(eval_table, args.image_column, args.text_column, "eval",
+        eval_pixels, eval_captions = batches.prepare_split(eval_table, args.image_column, args.text_column, "eval",
                                                         processor.image_processor, skipped, cache_dir)
     except data.DataError as e:
         fail(str(e))
@@ -436,14 +368,14 @@ def main(argv=None):
         net = torch.compile(net)
     pad_id = processor.tokenizer.pad_token_id
 
-    train_set = data.build_dataset(train_pixels, train_captions, processor, args.max_text_length, args.seed)
-    eval_set = data.build_dataset(eval_pixels, eval_captions, processor, args.max_text_length, args.seed)
+    train_set = batches.build_dataset(train_pixels, train_captions, processor, args.max_text_length, args.seed)
+    eval_set = batches.build_dataset(eval_pixels, eval_captions, processor, args.max_text_length, args.seed)
     eval_images = [Image.fromarray(np.asarray(eval_pixels[k]).transpose(1, 2, 0))  # for TensorBoard's cards
                    for k in range(min(args.num_examples, len(eval_captions)))]
-    train_sampler = data.EpochSampler(len(train_set), seed=args.seed, num_replicas=world, rank=rank)
+    train_sampler = batches.EpochSampler(len(train_set), seed=args.seed, num_replicas=world, rank=rank)
     pin = device.type == "cuda"
-    train_loader = data.make_loader(train_set, args.batch_size, train_sampler, pad_id, args.num_workers, pin)
-    eval_loader = data.make_loader(eval_set, args.eval_batch_size, data.ShardSampler(len(eval_set), world, rank),
+    train_loader = batches.make_loader(train_set, args.batch_size, train_sampler, pad_id, args.num_workers, pin)
+    eval_loader = batches.make_loader(eval_set, args.eval_batch_size, batches.ShardSampler(len(eval_set), world, rank),
                                    pad_id, args.num_workers, pin)
     batches_per_epoch = math.ceil(train_sampler.num_samples / args.batch_size)  # per rank
     steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum)
@@ -486,7 +418,7 @@ def main(argv=None):
     # After a crash the log may run past the checkpoint; TensorBoard hides what a killed run wrote
     # after it (steps from purge_step on), so the curve continues without doubled steps.
     writer = SummaryWriter(os.path.join(args.output_dir, "runs"), purge_step=step + 1 if resume_from else None) \
-        if main_rank else Silent()
+        if main_rank else distributed.Silent()
     if main_rank:
         path = os.path.join(args.output_dir, "training_args.json")
         written(path, checkpoint.write_file_atomically, path, json.dumps(vars(args), indent=2))
@@ -504,8 +436,8 @@ def main(argv=None):
         for k in range(min(args.num_examples, len(predictions))):
             lines.append(f"  gen: {predictions[k]!r}\n  ref: {eval_captions[k][0]!r}")
             if main_rank:
-                writer.add_image(f"eval/example_{k}", caption_card(eval_images[k], predictions[k], eval_captions[k][0]),
-                                 step, dataformats="HWC")
+                card = report.caption_card(eval_images[k], predictions[k], eval_captions[k][0])
+                writer.add_image(f"eval/example_{k}", card, step, dataformats="HWC")
         writer.add_text("eval/captions", "\n\n".join(f"**gen:** {predictions[k]}  \n**ref:** {eval_captions[k][0]}"
                                                      for k in range(min(args.num_examples, len(predictions)))), step)
         say("\n".join(lines))
@@ -539,10 +471,7 @@ def main(argv=None):
 
     def save():
         """Every rank comes here (their RNG states are gathered); rank 0 writes."""
-        rngs = [checkpoint.rng_state()]
-        if world > 1:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, checkpoint.rng_state())
+        rngs = distributed.gather(checkpoint.rng_state(), world)
         if not main_rank:
             return
         writer.flush()  # the TensorBoard log on disk reaches at least as far as the checkpoint
@@ -587,16 +516,17 @@ def main(argv=None):
 
     previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     while step < max_steps and not stopped:
-        batches = data.epoch_batches(train_loader, epoch, start=batches_done * args.batch_size, seed=args.seed)
+        epoch_iter = batches.epoch_batches(train_loader, epoch, start=batches_done * args.batch_size, seed=args.seed)
         while step < max_steps:
             t_fetch = time.perf_counter()
-            micro = list(itertools.islice(batches, args.grad_accum))
+            micro = list(itertools.islice(epoch_iter, args.grad_accum))
             waited += time.perf_counter() - t_fetch
             if not micro:
                 break
             # Normalise by the target tokens of the whole accumulated batch (on all ranks), so every
             # caption token weighs the same however the batch was cut into micro-batches and ranks.
-            n_tokens, stops = global_sum(sum(num_targets(b) for b in micro), len(stop_signal))
+            n_tokens, stops = distributed.global_sum((sum(num_targets(b) for b in micro), len(stop_signal)),
+                                                     world, device)
             if stops:
                 stopped = True
                 break
@@ -612,8 +542,7 @@ def main(argv=None):
                         loss = caption_loss(net, b, n_tokens / world)
                     scaler.scale(loss).backward()
                 step_loss += loss.detach() / world  # no .item() here: one device sync per step at most
-            if world > 1:
-                dist.all_reduce(step_loss)
+            distributed.sum_(step_loss, world)
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
             if use_scaler:  # fp16: the scaler skips a step with inf/nan gradients and lowers its scale
@@ -676,9 +605,7 @@ def main(argv=None):
         if last_save != step:
             save()
         writer.close()
-        if world > 1:
-            barrier()  # rank 0 may still be writing: leave together
-            dist.destroy_process_group()
+        distributed.finish(world)
         say(f"stopped by {stop_signal[0] if stop_signal else 'a signal to another rank'} at step {step}; "
             f"checkpoint saved in {os.path.join(args.output_dir, f'checkpoint-{step}')}; "
             f"continue with the same command plus --resume")
@@ -688,12 +615,10 @@ def main(argv=None):
     if last_save != step:
         save()
     writer.close()
-    if world > 1:
-        barrier()  # rank 0 may still be writing: leave together
-        dist.destroy_process_group()
+    distributed.finish(world)
     if main_rank:
         path = os.path.join(args.output_dir, "curves.png")
-        written(path, draw_curves, path, train_log, history)
+        written(path, report.draw_curves, path, train_log, history)
     if run_seconds:
         say(f"training speed: {run_samples / run_seconds:.1f} samples/s, {run_seconds / run_steps:.3f} s per "
             f"optimizer step, data wait {100 * run_waited / run_seconds:.1f}% (evaluation and saving excluded)")

@@ -49,6 +49,7 @@ def main(argv=None):
     import transformers
     from transformers import Trainer, TrainingArguments
 
+    import batches
     import data
     import metrics
 
@@ -66,8 +67,7 @@ def main(argv=None):
         bad = next((i for i, text in enumerate(table[args.text_column]) if not data.caption_refs(text)), None)
         if bad is not None:  # an unreadable image only shows when its batch is decoded, as in the guide
             train.fail(f"{what} row {bad}: no caption in column {args.text_column!r}")
-    train_captions = [[c] for c in data.caption_texts(train_table, args.text_column)]
-    model, processor = train.load_or_build_model(args, train_captions)
+    model, processor = train.load_or_build_model(args, data.caption_texts(train_table, args.text_column))
 
     def transforms(batch):
         images = [data.open_image(data.image_cell(cell, i)[1]) for i, cell in enumerate(batch[args.image_column])]
@@ -155,7 +155,7 @@ def main(argv=None):
         eval_images, eval_captions = data.read_rows(eval_table, args.image_column, args.text_column, "eval")
         model = trainer.model
         model.eval()
-        pixels = data.pixel_values(processor.image_processor, eval_images)
+        pixels = batches.pixel_values(processor.image_processor, eval_images)
         predictions = []
         with torch.no_grad(), torch.autocast(model.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             for i in range(0, len(pixels), args.eval_batch_size):

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
+import batches
 import data
 
 
@@ -76,7 +77,7 @@ def test_list_of_captions_draws_one_per_epoch_and_keeps_all_for_evaluation(tiny_
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     refs = [["a red circle", "a blue square", "a green triangle", "a small star"]] * 8
     images = [data.synthetic_scene(0, i)[0] for i in range(8)]
-    ds = data.build_dataset(images, refs, processor, max_text_length=32, seed=5)
+    ds = batches.build_dataset(images, refs, processor, max_text_length=32, seed=5)
     decode = lambda ids: processor.tokenizer.decode(ids, skip_special_tokens=True)
     assert ds.references == refs
     assert {decode(ds[i][1]) for i in range(8)} == {"a red circle"}  # evaluation: the first
@@ -92,7 +93,7 @@ def test_list_of_captions_draws_one_per_epoch_and_keeps_all_for_evaluation(tiny_
 
 def test_collate_pads_to_the_longest_caption_and_masks_padding():
     pixels = torch.zeros(3, 4, 4)
-    batch = data.collate([(pixels, [2, 7, 3], 0), (pixels, [2, 7, 8, 9, 3], 1)], pad_id=0)
+    batch = batches.collate([(pixels, [2, 7, 3], 0), (pixels, [2, 7, 8, 9, 3], 1)], pad_id=0)
     assert batch["input_ids"].tolist() == [[2, 7, 3, 0, 0], [2, 7, 8, 9, 3]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert batch["labels"].tolist() == [[2, 7, 3, -100, -100], [2, 7, 8, 9, 3]]
@@ -111,9 +112,9 @@ def test_captions_are_truncated_and_images_preprocessed_once(tiny_model_dir):
 
     processor.image_processor.__class__ = Counting
     images = [data.synthetic_scene(0, i)[0] for i in range(10)]
-    ds = data.build_dataset(images, [["a " + "very " * 40 + "long caption"]] * 10, processor, max_text_length=12)
+    ds = batches.build_dataset(images, [["a " + "very " * 40 + "long caption"]] * 10, processor, max_text_length=12)
     assert sum(calls) == 10 and ds.pixels.shape == (10, 3, 64, 64)
-    loader = data.make_loader(ds, 4, data.EpochSampler(10, seed=0), pad_id=0)
+    loader = batches.make_loader(ds, 4, batches.EpochSampler(10, seed=0), pad_id=0)
     for epoch in range(2):
         ds.set_epoch(epoch)
         for batch in loader:
@@ -123,7 +124,7 @@ def test_captions_are_truncated_and_images_preprocessed_once(tiny_model_dir):
 
 
 def test_epoch_sampler_is_seeded_and_resumes_mid_epoch():
-    s = data.EpochSampler(10, seed=1)
+    s = batches.EpochSampler(10, seed=1)
     s.set_epoch(2)
     full = list(s)
     assert sorted(full) == list(range(10))
@@ -134,15 +135,15 @@ def test_epoch_sampler_is_seeded_and_resumes_mid_epoch():
 
 
 def test_ranks_share_one_permutation_and_eval_shards_score_each_item_once():
-    one = data.EpochSampler(12, seed=5)
-    ranks = [data.EpochSampler(12, seed=5, num_replicas=3, rank=r) for r in range(3)]
+    one = batches.EpochSampler(12, seed=5)
+    ranks = [batches.EpochSampler(12, seed=5, num_replicas=3, rank=r) for r in range(3)]
     for s in [one] + ranks:
         s.set_epoch(4)
     # The first global batch of 6 in one process is the union of each rank's first batch of 2.
     assert sorted(list(one)[:6]) == sorted(i for s in ranks for i in list(s)[:2])
     ranks[1].set_epoch(4, start=2)
     assert list(ranks[1]) == list(one)[7::3]
-    shards = [list(data.ShardSampler(10, 3, r)) for r in range(3)]
+    shards = [list(batches.ShardSampler(10, 3, r)) for r in range(3)]
     assert sorted(i for s in shards for i in s) == list(range(10))
 
 
@@ -156,10 +157,10 @@ class WorkerSeed(torch.utils.data.Dataset):
 
 def test_worker_seeds_depend_on_the_epoch_only_so_a_resume_gets_the_same_ones():
     def seeds(loader, epoch):
-        return [b["index"].tolist() for b in data.epoch_batches(loader, epoch, seed=3)]
+        return [b["index"].tolist() for b in batches.epoch_batches(loader, epoch, seed=3)]
 
     def loader():
-        return data.make_loader(WorkerSeed(), 2, data.EpochSampler(8, seed=3), pad_id=0, num_workers=2)
+        return batches.make_loader(WorkerSeed(), 2, batches.EpochSampler(8, seed=3), pad_id=0, num_workers=2)
 
     ran_through = loader()
     seeds(ran_through, 0)
@@ -217,9 +218,9 @@ def test_a_list_column_gives_several_references_per_image(tmp_path):
 def test_uint8_pixels_normalised_in_collate_equal_the_processors_output(tiny_model_dir):
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     images = [data.synthetic_scene(3, i, size=300)[0] for i in range(5)]
-    ds = data.build_dataset(images, [["a caption"]] * 5, processor, max_text_length=12)
+    ds = batches.build_dataset(images, [["a caption"]] * 5, processor, max_text_length=12)
     assert ds.pixels.dtype == np.uint8 and ds.pixels.shape == (5, 3, 64, 64)
-    batch = next(iter(data.make_loader(ds, 5, data.EpochSampler(5, shuffle=False), pad_id=0)))
+    batch = next(iter(batches.make_loader(ds, 5, batches.EpochSampler(5, shuffle=False), pad_id=0)))
     expected = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(batch["pixel_values"], expected, atol=1e-6, rtol=0)
 
@@ -231,20 +232,20 @@ def test_prepared_splits_are_cached_and_reread_without_decoding(imagefolder, tmp
     os.remove(folder / "000003.png")  # a bad row: listed in `skipped`, also when read from the cache
     table = data.load_source(str(folder))["train"]
     skipped = []
-    fresh, captions = data.prepare_split(table, "image", "text", "train", processor.image_processor, skipped,
+    fresh, captions = batches.prepare_split(table, "image", "text", "train", processor.image_processor, skipped,
                                          str(tmp_path / "cache"))
     assert len(captions) == 39 and len(skipped) == 1 and "000003.png" in skipped[0]
 
     decoded, real_open = [], data.open_image
     monkeypatch.setattr(data, "open_image", lambda source: decoded.append(source) or real_open(source))
     again_skipped = []
-    cached, again = data.prepare_split(table, "image", "text", "train", processor.image_processor, again_skipped,
+    cached, again = batches.prepare_split(table, "image", "text", "train", processor.image_processor, again_skipped,
                                        str(tmp_path / "cache"))
     assert decoded == [] and isinstance(cached, np.memmap)  # read from disk, mapped, not decoded
     assert np.array_equal(cached, fresh) and again == captions and again_skipped == skipped
     with pytest.raises(data.DataError, match="000003.png"):  # --on-bad-sample error, from the cache too
-        data.prepare_split(table, "image", "text", "train", processor.image_processor, None, str(tmp_path / "cache"))
-    in_memory, _ = data.prepare_split(table.select(range(10)), "image", "text", "train", processor.image_processor,
+        batches.prepare_split(table, "image", "text", "train", processor.image_processor, None, str(tmp_path / "cache"))
+    in_memory, _ = batches.prepare_split(table.select(range(10)), "image", "text", "train", processor.image_processor,
                                       [], None)
     assert len(decoded) == 10 and len(in_memory) == 9  # no cache: decoded every time (row 3 is the bad one)
     assert sorted(os.listdir(tmp_path / "cache"))[0].startswith("train-") and len(os.listdir(tmp_path / "cache")) == 1

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoProcessor
 
+import batches
 import data
 import train
 from conftest import ROOT
@@ -150,8 +151,8 @@ def test_fp16_autocast_with_grad_scaler_on_cpu(tmp_path, tiny_model_dir):
 
 def batch_of(processor, captions, first=0):
     images = [data.synthetic_scene(0, first + i)[0] for i in range(len(captions))]
-    ds = data.build_dataset(images, [[c] for c in captions], processor, max_text_length=40)
-    return data.collate([ds[i] for i in range(len(ds))], processor.tokenizer.pad_token_id)
+    ds = batches.build_dataset(images, [[c] for c in captions], processor, max_text_length=40)
+    return batches.collate([ds[i] for i in range(len(ds))], processor.tokenizer.pad_token_id)
 
 
 def grads(model):
