@@ -2,8 +2,9 @@
 
 Sources (--dataset): a Hub dataset id, a local imagefolder (images + metadata.jsonl/csv), a folder
 written by Dataset.save_to_disk, or `synthetic`: drawn scenes with compositional captions,
-generated on the fly and deterministic by seed. Every source becomes a `datasets` table with an
-image column and a caption column (a string, or a list of strings for several references).
+generated on the fly and deterministic by seed (synthetic.py). Every source becomes a `datasets`
+table with an image column and a caption column (a string, or a list of strings for several
+references).
 
 Images are decoded here (not by `datasets`) so that every mode becomes RGB the same way and a bad
 file is reported by name.
@@ -12,16 +13,17 @@ file is reported by name.
     python data.py preview --dataset scenes/ --n 5 --out samples.png   # the guide's row of captioned images
     python data.py stats --dataset scenes/                # split sizes, caption lengths, image sizes, bad rows
 """
-import argparse
 import io
 import json
 import os
-import random
 import sys
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageOps
 
+import cli
+import synthetic
+from cli import fail
 from hub import looks_like_path
 
 SYNTHETIC = "synthetic"
@@ -52,13 +54,20 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-def open_image(source):
-    """A path, bytes, or an already decoded PIL image -> RGB PIL image. Raises DataError."""
+def open_image(source, draft=None):
+    """A path, bytes, or an already decoded PIL image -> RGB PIL image. Raises DataError.
+
+    draft: the shortest edge the caller will resize to. A JPEG far larger than that is then
+    decoded at 1/2, 1/4 or 1/8 of its size by the JPEG decoder itself (PIL's Image.draft), never
+    below `draft` pixels on either side: several times faster than decoding every pixel and
+    throwing most of them away in the resize."""
     name = source if isinstance(source, str) else "image"
     try:
         if isinstance(source, Image.Image):
             return to_rgb(source)
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            if draft and img.format == "JPEG":
+                img.draft(None, (draft, draft))
             img.load()
             return to_rgb(img)
     except FileNotFoundError:
@@ -71,50 +80,20 @@ def open_image(source):
         raise DataError(f"{name}: not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
+def draft_size(image_processor):
+    """The shortest edge an image processor resizes to (CLIP-style `shortest_edge`, or the smaller
+    of height and width), for open_image's draft; None when it cannot be told."""
+    size = image_processor.to_dict().get("size") or {}
+    size = size if isinstance(size, dict) else {"shortest_edge": size}
+    if size.get("shortest_edge"):
+        return int(size["shortest_edge"])
+    if size.get("height") and size.get("width"):
+        return int(min(size["height"], size["width"]))
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
-# The synthetic dataset
-
-COLORS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220),
-          "yellow": (235, 200, 0), "purple": (140, 40, 170), "orange": (245, 130, 0)}
-SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 0.10, "large": 0.17}  # radius as a fraction of the image side
-PLACES = {(0, 0): "at the top left", (0, 1): "at the top", (0, 2): "at the top right",
-          (1, 0): "on the left", (1, 1): "in the center", (1, 2): "on the right",
-          (2, 0): "at the bottom left", (2, 1): "at the bottom", (2, 2): "at the bottom right"}
-
-
-def synthetic_scene(seed, index, size=128):
-    """One drawn scene and its caption; the same (seed, index) always gives the same pair."""
-    rng = random.Random(seed * 1_000_003 + index)
-    tint = [rng.randint(225, 255) for _ in range(3)]
-    img = Image.new("RGB", (size, size), tuple(tint))
-    draw = ImageDraw.Draw(img)
-    cells = rng.sample(sorted(PLACES), rng.randint(1, 2))
-    phrases = []
-    for row, col in sorted(cells):  # caption objects in reading order, so the caption is unique
-        color, shape, size_name = rng.choice(sorted(COLORS)), rng.choice(SHAPES), rng.choice(sorted(SIZES))
-        r = SIZES[size_name] * size
-        cx = (col + 0.5) * size / 3 + rng.uniform(-0.04, 0.04) * size
-        cy = (row + 0.5) * size / 3 + rng.uniform(-0.04, 0.04) * size
-        if shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLORS[color])
-        elif shape == "square":
-            s = r * 0.85
-            draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=COLORS[color])
-        else:
-            draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=COLORS[color])
-        phrases.append(f"a {size_name} {color} {shape} {PLACES[(row, col)]}")
-    return img, " and ".join(phrases)
-
-
-def synthetic_dataset(n, seed=0):
-    import datasets
-
-    scenes = [synthetic_scene(seed, i) for i in range(n)]
-    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
-    return datasets.Dataset.from_dict({"image": [s[0] for s in scenes], "text": [s[1] for s in scenes]},
-                                      features=features)
-
+# Tables to disk
 
 def write_imagefolder(ds, out_dir, image_column="image", text_column="text"):
     """Write a table as an HF imagefolder: PNG files plus metadata.jsonl with file_name and captions."""
@@ -134,7 +113,7 @@ def load_source(name, seed=0, synthetic_size=1000):
     import datasets
 
     if name == SYNTHETIC:
-        return synthetic_dataset(synthetic_size, seed)
+        return synthetic.dataset(synthetic_size, seed)
     if os.path.isdir(name):
         if any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
             return datasets.load_from_disk(name)
@@ -164,6 +143,16 @@ def split_source(source, test_size, seed):
         source = source[train_name]
     parts = source.train_test_split(test_size=test_size, seed=seed)
     return parts["train"], parts["test"]
+
+
+def load_tables(args):
+    """(train table, eval table) of args.dataset, images not yet decoded, the columns checked;
+    raises DataError. Takes train.py's flags (dataset, seed, synthetic_size, test_size, columns)."""
+    source = load_source(args.dataset, seed=args.seed, synthetic_size=args.synthetic_size)
+    train_table, eval_table = split_source(source, args.test_size, args.seed)
+    check_columns(train_table, args.image_column, args.text_column, "train")
+    check_columns(eval_table, args.image_column, args.text_column, "eval")
+    return train_table, eval_table
 
 
 def check_columns(ds, image_column, text_column, what):
@@ -242,11 +231,6 @@ def read_row(row, i, image_column, text_column, what):
 
 # ---------------------------------------------------------------------------------------------
 # Command line: synthetic, preview, stats
-
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
 
 def cli_splits(args):
     """(train table, eval table, how the eval split was made) as train.py's load_tables gets them."""
@@ -403,10 +387,10 @@ def stats(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("synthetic", help="write the synthetic captioning set as an imagefolder")
-    s.add_argument("--size", type=int, default=1000)
+    s.add_argument("--size", type=cli.positive_int, default=1000)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     for name, text in (("preview", "save one row of training images titled with their captions as a PNG"),
@@ -416,10 +400,10 @@ def main(argv=None):
         c.add_argument("--image-column", default="image")
         c.add_argument("--text-column", default="text")
         c.add_argument("--seed", type=int, default=42, help="the split seed (as train.py --seed)")
-        c.add_argument("--test-size", type=float, default=0.1, help="held-out fraction (as train.py)")
-        c.add_argument("--synthetic-size", type=int, default=1000, help="scenes in --dataset synthetic")
+        c.add_argument("--test-size", type=cli.fraction, default=0.1, help="held-out fraction (as train.py)")
+        c.add_argument("--synthetic-size", type=cli.positive_int, default=1000, help="scenes in --dataset synthetic")
         if name == "preview":
-            c.add_argument("--n", type=int, default=5, help="images in the row")
+            c.add_argument("--n", type=cli.positive_int, default=5, help="images in the row")
             c.add_argument("--out", default="samples.png")
         else:
             c.add_argument("--model", default="tiny",
@@ -428,20 +412,12 @@ def main(argv=None):
             c.add_argument("--json", action="store_true", help="one JSON object instead of text lines")
     args = p.parse_args(argv)
     if args.cmd == "synthetic":
-        if args.size <= 0:
-            p.error("--size must be positive")
         import datasets
 
         datasets.disable_progress_bars()
-        write_imagefolder(synthetic_dataset(args.size, args.seed), args.out)
+        write_imagefolder(synthetic.dataset(args.size, args.seed), args.out)
         print(f"wrote {args.size} images and metadata.jsonl to {args.out}")
         return 0
-    if not 0 < args.test_size < 1:
-        p.error("--test-size must be between 0 and 1")
-    if args.synthetic_size <= 0:
-        p.error("--synthetic-size must be positive")
-    if args.cmd == "preview" and args.n <= 0:
-        p.error("--n must be positive")
     try:
         (preview if args.cmd == "preview" else stats)(args)
     except DataError as e:

@@ -3,6 +3,7 @@
 torchrun starts one process per device and sets WORLD_SIZE, RANK and LOCAL_RANK in each; a plain
 `python train.py` is a world of one, needs no process group, and takes none of these paths.
 """
+import contextlib
 import os
 
 
@@ -27,6 +28,17 @@ def barrier(world):
         import torch.distributed as dist
 
         dist.barrier()
+
+
+@contextlib.contextmanager
+def rank_zero_first(rank, world):
+    """Rank 0 runs the block first (it writes a file, fills a cache); the others wait, then run it
+    and find the work done."""
+    if rank != 0:
+        barrier(world)
+    yield
+    if rank == 0:
+        barrier(world)
 
 
 def global_sum(values, world, device):

@@ -11,25 +11,20 @@ From Python: `from infer import caption; caption(["img.png"], model="git-base-po
 An input that cannot be read (missing, not an image, truncated, too many pixels, a failed
 download) gets one line on stderr naming it; the others are still captioned; exit status 1.
 """
-import argparse
 import csv
 import functools
 import json
 import os
 import sys
 
+import cli
 import hub
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + error
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parse_args(argv=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__)
     a = p.add_argument
     a("inputs", nargs="+", help="image files, folders of images, or http(s) URLs")
     a("--model", default="git-base-pokemon/best",
@@ -37,26 +32,22 @@ def parse_args(argv=None):
     a("--recursive", action="store_true", help="also caption images in sub-folders of folder inputs")
     a("--json", action="store_true", help='print one JSON object per image: {"image", "caption", "captions", "error"}')
     a("--output", help="also write the results to this .jsonl or .csv file")
-    a("--batch-size", type=int, default=16)
-    a("--max-length", type=int, default=50, help="max_length for model.generate (caption tokens)")
-    a("--num-beams", type=int, default=1)
+    a("--batch-size", type=cli.positive_int, default=16)
+    a("--max-length", type=cli.positive_int, default=50, help="max_length for model.generate (caption tokens)")
+    a("--num-beams", type=cli.positive_int, default=1)
     a("--do-sample", action="store_true", help="sample instead of greedy/beam search")
-    a("--temperature", type=float, default=1.0)
-    a("--top-p", type=float, default=1.0)
-    a("--num-captions", type=int, default=1, help="captions per image (needs --do-sample or --num-beams >= it)")
-    a("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    a("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+    a("--temperature", type=cli.positive_float, default=1.0)
+    a("--top-p", type=cli.probability, default=1.0)
+    a("--num-captions", type=cli.positive_int, default=1,
+      help="captions per image (needs --do-sample or --num-beams >= it)")
+    a("--device", choices=cli.DEVICES, default="auto")
+    a("--precision", choices=cli.PRECISIONS, default="auto",
       help="auto: fp16 on CUDA, bf16 on CPUs with bf16 matrix units, else fp32")
     a("--seed", type=int, default=0, help="for --do-sample")
     a("--trust-remote-code", action="store_true", help="allow a model that ships its own Python code to run it")
-    a("--timeout", type=float, default=20.0, help="seconds to wait for a URL")
-    a("--max-download-mb", type=float, default=50.0, help="refuse URL downloads larger than this")
+    a("--timeout", type=cli.positive_float, default=20.0, help="seconds to wait for a URL")
+    a("--max-download-mb", type=cli.positive_float, default=50.0, help="refuse URL downloads larger than this")
     args = p.parse_args(argv)
-    for name in ("batch_size", "max_length", "num_beams", "num_captions", "temperature", "timeout", "max_download_mb"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive")
-    if not 0 < args.top_p <= 1:
-        p.error("--top-p must be in (0, 1]")
     if args.num_captions > 1 and not args.do_sample and args.num_beams < args.num_captions:
         p.error("--num-captions above 1 needs --do-sample, or --num-beams at least as large")
     if args.output and not args.output.endswith((".jsonl", ".csv")):
@@ -138,16 +129,12 @@ def resolve_model(name):
 @functools.lru_cache(maxsize=2)
 def load(name, device_name="auto", precision="auto", trust_remote_code=False):
     """(model, processor, device, autocast dtype), cached so repeated caption() calls load once."""
-    import torch
+    from model import load_model
 
-    from model import load_model, pick_precision
-
-    if device_name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA GPU is available")
-    device = torch.device("cuda" if device_name != "cpu" and torch.cuda.is_available() else "cpu")
+    device = cli.pick_device(device_name)
     model, processor = load_model(resolve_model(name), trust_remote_code=trust_remote_code)
     model.to(device).eval()
-    amp_dtype, _ = pick_precision(precision, device)
+    amp_dtype, _ = cli.pick_precision(precision, device)
     return model, processor, device, amp_dtype
 
 
@@ -164,7 +151,7 @@ def generate(model, processor, device, amp_dtype, images, max_length=50, batch_s
     out = []
     for i in range(0, len(images), batch_size):
         pixels = processor.image_processor(images=images[i:i + batch_size], return_tensors="pt")["pixel_values"]
-        with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with torch.inference_mode(), cli.autocast(device, amp_dtype):
             ids = model.generate(pixel_values=pixels.to(device), **options)
         texts = processor.batch_decode(ids, skip_special_tokens=True)
         out += [texts[k:k + num_captions] for k in range(0, len(texts), num_captions)]
@@ -210,8 +197,7 @@ def main(argv=None):
     try:
         model, processor, device, amp_dtype = load(args.model, args.device, args.precision, args.trust_remote_code)
     except (ModelLoadError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        cli.fail(str(e))
 
     rows, images, good = [], [], []
     for item in expand_inputs(args.inputs, args.recursive):

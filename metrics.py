@@ -31,12 +31,13 @@ The other three use all references of each image and are on a 0-1 scale, except 
   weights clipped to the reference's, Gaussian length penalty with sigma=6, averaged over references
   and n, times 10. With a single image every IDF is 0, so is the score: score a set, not one caption.
 """
-import argparse
 import json
 import math
 import re
 import sys
 from collections import Counter
+
+import cli
 
 _PUNCT = re.compile(r"[^\w\s]")
 NAMES = ("wer", "cer", "bleu4", "rouge_l", "cider_d")
@@ -172,17 +173,12 @@ def _cider_d(hyps, all_refs, n=4, sigma=6.0):
 # ---------------------------------------------------------------------------------------------
 # The command line
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + error
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 class InputError(Exception):
     pass
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__)
     p.add_argument("--predictions", required=True,
                    help='.jsonl of {"image", "caption"} as infer.py --output writes; a row with an "error" counts as empty')
     p.add_argument("--references", required=True,
@@ -240,8 +236,7 @@ def main(argv=None):
     try:
         scores = caption_scores(*load(args.predictions, args.references))
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        cli.fail(str(e))
     if args.json:
         print(json.dumps(scores))
     else:

@@ -76,24 +76,6 @@ def build_tiny_git(captions, out_dir, preset="tiny", vocab_size=2000, seed=0):
     return out_dir
 
 
-def cpu_has_bf16_units():
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def pick_precision(name, device):
-    """(autocast dtype or None, whether to use a GradScaler)."""
-    import torch
-
-    if name == "auto":
-        name = "fp16" if device.type == "cuda" else "bf16" if cpu_has_bf16_units() else "fp32"
-    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[name], name == "fp16"
-
-
 def sincos_2d(grid, dim):
     """(grid*grid, dim) codes: half the channels encode the row, half the column."""
     import torch
@@ -106,6 +88,19 @@ def sincos_2d(grid, dim):
         angles = axis[:, None] * freqs[None, :]
         parts += [angles.sin(), angles.cos()]
     return torch.cat(parts, dim=1)
+
+
+def load_or_build_model(args, captions, resume_from=None, build=True):
+    """The checkpoint being resumed, a tiny GIT built for the training captions (a list of strings),
+    or --model; raises ModelLoadError. build=False: another process builds the tiny GIT's folder."""
+    if resume_from:
+        return load_model(resume_from, trust_remote_code=args.trust_remote_code)
+    if is_tiny(args.model):
+        init_dir = os.path.join(args.output_dir, "init-model")
+        if build:
+            build_tiny_git(captions, init_dir, preset=args.model, seed=args.seed)
+        return load_model(init_dir)
+    return load_model(args.model, trust_remote_code=args.trust_remote_code)
 
 
 def load_model(name, dtype=None, trust_remote_code=False):

@@ -158,7 +158,7 @@ def prepare_data(args, images=None):
     given); reused when one with the same settings exists."""
     from PIL import Image
 
-    import data
+    import synthetic
 
     images = images or args.images
     folder = os.path.join(args.work_dir, f"data-{images}x{args.image_size}-q{args.jpeg_quality}-s{args.seed}")
@@ -170,7 +170,7 @@ def prepare_data(args, images=None):
     os.makedirs(tmp)
     lines = []
     for i in range(images):
-        image, caption = data.synthetic_scene(args.seed, i)
+        image, caption = synthetic.scene(args.seed, i)
         name = f"{i:06d}.jpg"
         image.resize((args.image_size, args.image_size), Image.BICUBIC).save(
             os.path.join(tmp, name), quality=args.jpeg_quality)

@@ -20,7 +20,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import hub  # noqa: E402
 import train  # noqa: E402
+from cli import fail, pick_precision  # noqa: E402
+from model import TINY_PRESETS, load_or_build_model  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -42,7 +45,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    train.hub.offline_unless_needed(*[n for n in (args.dataset, args.model) if n != "synthetic" and n not in train.TINY])
+    hub.offline_unless_needed(*[n for n in (args.dataset, args.model) if n != "synthetic" and n not in TINY_PRESETS])
     import datasets
     import jiwer
     import torch
@@ -60,14 +63,14 @@ def main(argv=None):
     # As in the guide, images stay encoded in the table until a batch needs them, so decoding is
     # part of every training step (train.py decodes each image once, before training).
     try:
-        train_table, eval_table = train.load_tables(args)
+        train_table, eval_table = data.load_tables(args)
     except data.DataError as e:
-        train.fail(str(e))
+        fail(str(e))
     for table, what in ((train_table, "train"), (eval_table, "eval")):
         bad = next((i for i, text in enumerate(table[args.text_column]) if not data.caption_refs(text)), None)
         if bad is not None:  # an unreadable image only shows when its batch is decoded, as in the guide
-            train.fail(f"{what} row {bad}: no caption in column {args.text_column!r}")
-    model, processor = train.load_or_build_model(args, data.caption_texts(train_table, args.text_column))
+            fail(f"{what} row {bad}: no caption in column {args.text_column!r}")
+    model, processor = load_or_build_model(args, data.caption_texts(train_table, args.text_column))
 
     def transforms(batch):
         images = [data.open_image(data.image_cell(cell, i)[1]) for i, cell in enumerate(batch[args.image_column])]
@@ -97,7 +100,7 @@ def main(argv=None):
         return {"wer_score": jiwer.wer(decoded_labels, decoded_predictions)}  # = evaluate.load("wer")
 
     on_cuda = torch.cuda.is_available()
-    amp, _ = train.pick_precision(args.precision, torch.device("cuda" if on_cuda else "cpu"))
+    amp, _ = pick_precision(args.precision, torch.device("cuda" if on_cuda else "cpu"))
     precision = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[amp]
     print(f"precision: {precision}", flush=True)
     training_args = TrainingArguments(

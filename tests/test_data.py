@@ -13,6 +13,7 @@ from transformers import AutoProcessor
 
 import batches
 import data
+import synthetic
 
 
 def rows(source, test_size=0.1, seed=0):
@@ -21,15 +22,17 @@ def rows(source, test_size=0.1, seed=0):
 
 
 def test_synthetic_is_deterministic_and_compositional():
-    a = data.synthetic_dataset(20, seed=3)
-    b = data.synthetic_dataset(20, seed=3)
-    assert list(a["text"]) == list(b["text"])
+    a = synthetic.dataset(20, seed=3)
+    b = synthetic.dataset(20, seed=3)
+    assert list(a["text"]) == list(b["text"]) == [synthetic.scene(3, i)[1] for i in range(20)]
     assert np.array_equal(np.asarray(a[5]["image"]), np.asarray(b[5]["image"]))
-    assert list(data.synthetic_dataset(20, seed=4)["text"]) != list(a["text"])
+    assert np.array_equal(np.asarray(a[5]["image"]), np.asarray(synthetic.scene(3, 5)[0]))
+    assert list(synthetic.dataset(20, seed=4)["text"]) != list(a["text"])
     for caption in a["text"]:
         for phrase in caption.split(" and "):
             words = phrase.split()
-            assert words[0] == "a" and words[1] in data.SIZES and words[2] in data.COLORS and words[3] in data.SHAPES
+            assert words[0] == "a" and words[1] in synthetic.SIZES and words[2] in synthetic.COLORS
+            assert words[3] in synthetic.SHAPES and " ".join(words[4:]) in synthetic.PLACES.values()
 
 
 def test_imagefolder_jsonl_source(imagefolder):
@@ -42,7 +45,7 @@ def test_imagefolder_jsonl_source(imagefolder):
 
 def test_imagefolder_csv_source_with_own_caption_column(tmp_path):
     for i in range(10):
-        img, _ = data.synthetic_scene(0, i)
+        img, _ = synthetic.scene(0, i)
         img.save(tmp_path / f"{i}.png")
     with open(tmp_path / "metadata.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -56,7 +59,7 @@ def test_imagefolder_csv_source_with_own_caption_column(tmp_path):
 
 
 def test_save_to_disk_source_uses_its_own_validation_split(tmp_path):
-    ds = datasets.DatasetDict({"train": data.synthetic_dataset(12, seed=0), "validation": data.synthetic_dataset(5, seed=9)})
+    ds = datasets.DatasetDict({"train": synthetic.dataset(12, seed=0), "validation": synthetic.dataset(5, seed=9)})
     ds.save_to_disk(str(tmp_path / "saved"))
     (train_images, _), (eval_images, eval_caps) = rows(data.load_source(str(tmp_path / "saved")))
     assert len(train_images) == 12 and len(eval_images) == 5
@@ -76,14 +79,23 @@ def test_unreachable_hub_dataset_and_missing_folder_are_one_line_errors(tmp_path
 def test_list_of_captions_draws_one_per_epoch_and_keeps_all_for_evaluation(tiny_model_dir):
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     refs = [["a red circle", "a blue square", "a green triangle", "a small star"]] * 8
-    images = [data.synthetic_scene(0, i)[0] for i in range(8)]
+    images = [synthetic.scene(0, i)[0] for i in range(8)]
     ds = batches.build_dataset(images, refs, processor, max_text_length=32, seed=5)
     decode = lambda ids: processor.tokenizer.decode(ids, skip_special_tokens=True)
-    assert ds.references == refs
+    assert [[decode(ids) for ids in ds.token_ids[i]] for i in range(8)] == refs  # every reference tokenised
     assert {decode(ds[i][1]) for i in range(8)} == {"a red circle"}  # evaluation: the first
     ds.set_epoch(0)
     epoch0 = [decode(ds[i][1]) for i in range(8)]
-    assert epoch0 == [decode(ds[i][1]) for i in range(8)]  # the same draw when asked again (resume)
+    assert len(set(epoch0)) > 1  # a draw per image, not one per epoch
+    # A resumed run builds its dataset afresh and may arrive at the epoch from another one.
+    resumed = batches.build_dataset(images, refs, processor, max_text_length=32, seed=5)
+    resumed.set_epoch(3)
+    [resumed[i] for i in range(8)]
+    resumed.set_epoch(0)
+    assert [decode(resumed[i][1]) for i in range(8)] == epoch0
+    reseeded = batches.build_dataset(images, refs, processor, max_text_length=32, seed=6)
+    reseeded.set_epoch(0)
+    assert [decode(reseeded[i][1]) for i in range(8)] != epoch0  # the draw follows --seed
     drawn = set()
     for epoch in range(6):
         ds.set_epoch(epoch)
@@ -111,7 +123,7 @@ def test_captions_are_truncated_and_images_preprocessed_once(tiny_model_dir):
             return original(self, images, **kw)
 
     processor.image_processor.__class__ = Counting
-    images = [data.synthetic_scene(0, i)[0] for i in range(10)]
+    images = [synthetic.scene(0, i)[0] for i in range(10)]
     ds = batches.build_dataset(images, [["a " + "very " * 40 + "long caption"]] * 10, processor, max_text_length=12)
     assert sum(calls) == 10 and ds.pixels.shape == (10, 3, 64, 64)
     loader = batches.make_loader(ds, 4, batches.EpochSampler(10, seed=0), pad_id=0)
@@ -205,7 +217,7 @@ def test_bad_images_name_the_file(tmp_path):
 
 
 def test_a_list_column_gives_several_references_per_image(tmp_path):
-    scenes = data.synthetic_dataset(6, seed=2)
+    scenes = synthetic.dataset(6, seed=2)
     refs = [[t, t.upper() + "!"] for t in scenes["text"]]
     table = datasets.Dataset.from_dict({"image": list(scenes["image"]), "captions": refs},
                                        features=datasets.Features({"image": datasets.Image(),
@@ -217,7 +229,7 @@ def test_a_list_column_gives_several_references_per_image(tmp_path):
 
 def test_uint8_pixels_normalised_in_collate_equal_the_processors_output(tiny_model_dir):
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
-    images = [data.synthetic_scene(3, i, size=300)[0] for i in range(5)]
+    images = [synthetic.scene(3, i, size=300)[0] for i in range(5)]
     ds = batches.build_dataset(images, [["a caption"]] * 5, processor, max_text_length=12)
     assert ds.pixels.dtype == np.uint8 and ds.pixels.shape == (5, 3, 64, 64)
     batch = next(iter(batches.make_loader(ds, 5, batches.EpochSampler(5, shuffle=False), pad_id=0)))

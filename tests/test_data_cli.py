@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import data
+import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +33,7 @@ def summary(values, *percentiles):
 def bad_folder(tmp_path_factory):
     """12 scenes; 000003.png is not an image, row 000005 has an empty caption, 000007 a blank one."""
     out = str(tmp_path_factory.mktemp("bad-imagefolder"))
-    data.write_imagefolder(data.synthetic_dataset(12, seed=2), out)
+    data.write_imagefolder(synthetic.dataset(12, seed=2), out)
     with open(os.path.join(out, "000003.png"), "wb") as f:
         f.write(b"this is not a PNG file")
     rows = [json.loads(line) for line in open(os.path.join(out, "metadata.jsonl"))]
@@ -88,6 +89,26 @@ def test_stats_numbers_match_the_fixture(imagefolder):
     assert lines["rows"].startswith("train 36, eval 4")
     assert lines["caption length"].startswith("words (whitespace): min ")
     assert lines["warnings"] == "none"
+
+
+def test_synthetic_writes_the_scenes_as_an_imagefolder_and_is_a_dataset_name(tmp_path):
+    out = tmp_path / "scenes"
+    r = run("synthetic", "--size", "6", "--seed", "3", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"wrote 6 images and metadata.jsonl to {out}"
+    rows = [json.loads(line) for line in open(out / "metadata.jsonl")]
+    assert [row["file_name"] for row in rows] == [f"{i:06d}.png" for i in range(6)]
+    for i, row in enumerate(rows):
+        image, caption = synthetic.scene(3, i)
+        assert row["text"] == caption
+        assert np.array_equal(np.asarray(Image.open(out / row["file_name"])), np.asarray(image))  # PNG: lossless
+
+    s = run("stats", "--dataset", "synthetic", "--synthetic-size", "30", "--seed", "1", "--json")
+    assert s.returncode == 0, s.stderr
+    got = json.loads(s.stdout)
+    assert got["rows"] == {"train": 27, "eval": 3, "eval_from": "split from train, test-size 0.1, seed 1"}
+    words = [len(synthetic.scene(1, i)[1].split()) for i in range(30)]
+    assert [got["caption_length"]["min"], got["caption_length"]["max"]] == [min(words), max(words)]
 
 
 def test_stats_counts_tokens_with_the_models_tokenizer(imagefolder, tiny_model_dir):

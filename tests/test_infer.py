@@ -13,9 +13,10 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
+from transformers import AutoTokenizer
 
-import data
 import infer
+import synthetic
 from conftest import ROOT
 
 
@@ -28,7 +29,7 @@ def cli(*args, cwd=None):
 def pictures(tmp_path_factory):
     """Good images in several formats and modes, some in a sub-folder, plus bad files."""
     root = tmp_path_factory.mktemp("pictures")
-    scenes = [data.synthetic_scene(11, i)[0] for i in range(6)]
+    scenes = [synthetic.scene(11, i)[0] for i in range(6)]
     scenes[0].save(root / "a.png")
     scenes[1].convert("L").save(root / "b.jpg")
     scenes[2].convert("P").save(root / "c.png")
@@ -90,29 +91,51 @@ def test_cli_captions_good_inputs_and_reports_each_bad_one(pictures, tiny_model_
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows
 
 
-def test_batched_greedy_equals_one_at_a_time_and_csv_output(pictures, tiny_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def unseen(tmp_path_factory):
+    """10 scenes of a seed the trained model never saw (it trained on seed 42's), as PNG files."""
+    root = tmp_path_factory.mktemp("unseen")
+    for i in range(10):
+        synthetic.scene(2026, i)[0].save(root / f"{i}.png")
+    return [str(root / f"{i}.png") for i in range(10)]
+
+
+def test_batched_greedy_equals_one_at_a_time_and_csv_output(pictures, unseen, trained_run, tmp_path):
+    # A trained model, so that the captions differ and end at different steps: a batch then holds
+    # finished captions padded beside unfinished ones. Plus five images of other modes and formats.
     root, _ = pictures
-    files = infer.expand_inputs([str(root)], recursive=True)[:5]
-    batched = infer.caption(files, model=tiny_model_dir, precision="fp32", batch_size=4)
-    single = infer.caption(files, model=tiny_model_dir, precision="fp32", batch_size=1)
-    assert batched == single and len(batched) == 5 and all(isinstance(c, str) and c for c in batched)
-    proc = cli("--model", tiny_model_dir, "--precision", "fp32", "--output", str(tmp_path / "c.csv"), *files)
-    assert proc.returncode == 0
-    assert proc.stdout.splitlines() == [f"{f}\t{c}" for f, c in zip(files, batched)]
+    files = unseen + infer.expand_inputs([str(root)], recursive=True)[:5]
+    model = os.path.join(trained_run, "best")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    captions = {}
+    for precision in ("fp32", "bf16"):
+        batched = infer.caption(files, model=model, precision=precision, batch_size=4)  # 4, 4, 4, 3
+        single = infer.caption(files, model=model, precision=precision, batch_size=1)
+        assert batched == single, precision
+        assert len(batched) == 15 and all(isinstance(c, str) and c for c in batched)
+        assert len(set(batched[:10])) >= 6, (precision, batched)
+        assert len({len(tokenizer(c)["input_ids"]) for c in batched[:10]}) >= 3, (precision, batched)
+        captions[precision] = batched
+    proc = cli("--model", model, "--precision", "fp32", "--output", str(tmp_path / "c.csv"), *files)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"{f}\t{c}" for f, c in zip(files, captions["fp32"])]
     with open(tmp_path / "c.csv") as f:
-        assert [(r["image"], r["caption"]) for r in csv.DictReader(f)] == list(zip(files, batched))
+        assert [(r["image"], r["caption"]) for r in csv.DictReader(f)] == list(zip(files, captions["fp32"]))
 
 
 def test_beams_and_sampling_give_several_captions(pictures, tiny_model_dir):
     root, _ = pictures
     files = [str(root / "a.png"), str(root / "c.png")]
     beams = infer.caption(files, model=tiny_model_dir, precision="fp32", num_beams=3, num_captions=3)
-    assert [len(c) for c in beams] == [3, 3]
+    assert [len(c) for c in beams] == [3, 3] and all(len(set(c)) == 3 for c in beams)  # three hypotheses each
     sampled = infer.caption(files, model=tiny_model_dir, precision="fp32", do_sample=True, temperature=1.5,
                             num_captions=2, seed=3)
     again = infer.caption(files, model=tiny_model_dir, precision="fp32", do_sample=True, temperature=1.5,
                           num_captions=2, seed=3)
     assert sampled == again and [len(c) for c in sampled] == [2, 2]
+    reseeded = infer.caption(files, model=tiny_model_dir, precision="fp32", do_sample=True, temperature=1.5,
+                             num_captions=2, seed=4)
+    assert reseeded != sampled  # the seed, not greedy decoding, made the two draws equal
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):

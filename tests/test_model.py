@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoProcessor, GitForCausalLM
 
+import synthetic
 from hub import looks_like_path
 from conftest import ROOT
 from model import ModelLoadError, load_model
@@ -20,11 +21,12 @@ def test_tiny_git_round_trips_through_from_pretrained(tiny_model_dir):
     assert tok.pad_token_id == model.config.pad_token_id == 0
     assert tok.decode(ids, skip_special_tokens=True) == "a small red circle at the top left"
     assert "[UNK]" not in tok.convert_ids_to_tokens(ids)
-    pixels = processor(images=[__import__("data").synthetic_scene(0, 0)[0]], return_tensors="pt").pixel_values
+    pixels = processor(images=[synthetic.scene(0, 0)[0]], return_tensors="pt").pixel_values
     assert pixels.shape == (1, 3, 64, 64)
     # The same files load with the plain Auto classes a Hub user would call.
     again = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     AutoProcessor.from_pretrained(tiny_model_dir)
+    assert list(model.state_dict()) == list(again.state_dict())
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -57,8 +59,8 @@ def test_local_paths_are_told_from_hub_ids(name, local):
 def test_the_same_seed_builds_the_same_tiny_git_in_every_process(tmp_path):
     # The WordPiece trainer breaks ties between merges differently in each process (the learned
     # pieces differ); the ids of the words the captions use, and so the model, must not.
-    script = ("import sys, json, data\nfrom model import build_tiny_git\nfrom transformers import AutoTokenizer\n"
-              "caps = [data.synthetic_scene(0, i)[1] for i in range(300)]\n"
+    script = ("import sys, json, synthetic\nfrom model import build_tiny_git\nfrom transformers import AutoTokenizer\n"
+              "caps = [synthetic.scene(0, i)[1] for i in range(300)]\n"
               "t = AutoTokenizer.from_pretrained(build_tiny_git(caps, sys.argv[1], seed=0))\n"
               "print(json.dumps(t(caps)['input_ids']))\n")
     runs = [subprocess.run([sys.executable, "-c", script, str(tmp_path / f"m{k}")], capture_output=True, text=True,

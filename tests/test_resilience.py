@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import checkpoint
 import train
-from conftest import ROOT
+from conftest import ROOT, Child
 
 # 89 scenes -> 80 train, 9 eval. Batch 8 with 2 micro-batches a step: 5 steps an epoch, so the
 # runs below cross an epoch boundary; logging every 2 steps and saving every 3 puts the logging
@@ -93,6 +93,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(reference, tmp_path, ti
     assert b["step"] == a["step"] == 8
     assert [s for s, _ in b["train_log"]] == [s for s, _ in a["train_log"]] == [2, 4, 6, 8]
     torch.testing.assert_close([v for _, v in b["train_log"]], [v for _, v in a["train_log"]], atol=1e-6, rtol=0)
+    assert [h["step"] for h in a["history"]] == [4, 8]
     assert [(h["step"], h["wer"]) for h in b["history"]] == [(h["step"], h["wer"]) for h in a["history"]]
     assert_same_weights(weights(ref), weights(out))
     # TensorBoard: one curve, each step once, the same values as the uninterrupted run.
@@ -162,17 +163,6 @@ def test_remote_code_runs_only_with_trust_remote_code(tmp_path, tiny_model_dir, 
     assert len(err) == 1 and "comes with its own Python code; pass --trust-remote-code" in err[0]
 
 
-@pytest.fixture(scope="module")
-def no_dropout_model(tmp_path_factory, tiny_model_dir):
-    """The tiny GIT without dropout: ranks and one process then compute the same function."""
-    out = tmp_path_factory.mktemp("no-dropout")
-    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
-    config = json.loads((out / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (out / "config.json").write_text(json.dumps(config))
-    return str(out)
-
-
 @pytest.mark.slow
 def test_torchrun_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, no_dropout_model):
     ranks = train_cli(tmp_path / "ddp", no_dropout_model, "--batch-size", "4", torchrun=2)
@@ -186,6 +176,7 @@ def test_torchrun_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, no_
     torch.testing.assert_close([v for _, v in a["train_log"]], [v for _, v in b["train_log"]], atol=1e-5, rtol=0)
     assert_same_weights(weights(tmp_path / "ddp"), weights(tmp_path / "one"), atol=1e-5)
     # Evaluation: 9 images over 2 ranks (5 + 4), gathered, each scored once: the same scores.
+    assert [x["step"] for x in a["history"]] == [y["step"] for y in b["history"]] == [4, 8]
     for x, y in zip(a["history"], b["history"]):
         assert x["step"] == y["step"] and x["wer"] == y["wer"] and x["cider_d"] == pytest.approx(y["cider_d"])
         assert x["eval_loss"] == pytest.approx(y["eval_loss"], abs=1e-5)
@@ -209,13 +200,11 @@ def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step_with_a_checkpo
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            os.path.join(ROOT, "train.py"), *RUN, "--model", tiny_model_dir, "--output-dir", str(out),
            "--max-steps", "100000", "--logging-steps", "1", "--eval-steps", "100000", "--save-steps", "100000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**ENV, "OMP_NUM_THREADS": "1"})
-    for line in proc.stdout:  # wait until training is under way
-        if line.startswith("step 3/"):
-            proc.terminate()  # torchrun passes SIGTERM on to both ranks
-            break
-    rest, _ = proc.communicate(timeout=300)
+    with Child(cmd, env={**ENV, "OMP_NUM_THREADS": "1"}) as child:
+        child.stdout.read(timeout=300, until=lambda line: line.startswith("step 3/"))  # training is under way
+        child.proc.terminate()  # torchrun passes SIGTERM on to both ranks
+        rest = "".join(child.stdout.read(timeout=300))
+        child.proc.wait(timeout=60)
     # torchrun itself then exits non-zero with its own report of the signal; the ranks saved first.
     stopped = [line for line in rest.splitlines() if line.startswith("stopped by SIGTERM at step")]
     assert len(stopped) == 1 and "--resume" in stopped[0], rest

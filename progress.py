@@ -1,0 +1,76 @@
+"""What the training loop watches besides the model: how fast it goes, and whether it was asked to stop."""
+import signal
+import time
+
+
+class Meter:
+    """Wall time, time spent waiting for data, and samples, per logging window and over the run;
+    evaluation and saving are left out. When waiting is a large share of a step the loader is the
+    bottleneck (more --num-workers)."""
+
+    def __init__(self):
+        self.restart()
+        self.run_seconds, self.run_waited, self.run_samples, self.run_steps = 0.0, 0.0, 0, 0
+
+    def restart(self):
+        """Start a new window (after a logged line, once evaluation and saving are done)."""
+        self.t0, self.waited = time.time(), 0.0
+
+    def timed(self, iterable):
+        """The items of iterable; the time spent getting each one counts as data wait."""
+        iterator = iter(iterable)
+        while True:
+            t = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                self.waited += time.perf_counter() - t
+            yield item
+
+    def close_window(self, samples, steps):
+        """(samples per second, share of the time spent waiting for data) of the window now ending."""
+        seconds = time.time() - self.t0
+        self.run_seconds, self.run_waited = self.run_seconds + seconds, self.run_waited + self.waited
+        self.run_samples, self.run_steps = self.run_samples + samples, self.run_steps + steps
+        return samples / seconds, min(self.waited / seconds, 1.0)
+
+    def summary(self):
+        """One line on the whole run's speed, or None before any window closed."""
+        if not self.run_seconds:
+            return None
+        return (f"training speed: {self.run_samples / self.run_seconds:.1f} samples/s, "
+                f"{self.run_seconds / self.run_steps:.3f} s per optimizer step, "
+                f"data wait {100 * self.run_waited / self.run_seconds:.1f}% (evaluation and saving excluded)")
+
+
+class StopOnSignal:
+    """Ctrl-C or SIGTERM (a scheduler taking the machine back) asks the loop to stop at the next
+    step boundary, where it saves a checkpoint; a second signal stops the process at once. The
+    previous handlers come back when the block ends, by an exception too."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, say):
+        self.say, self.name, self.previous = say, None, {}
+
+    @property
+    def requested(self):
+        return int(self.name is not None)
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        return False
+
+    def _on_signal(self, signum, frame):
+        if self.name is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+        self.name = signal.Signals(signum).name
+        self.say(f"{self.name}: finishing this step and saving a checkpoint (again to stop at once)")

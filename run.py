@@ -1,0 +1,303 @@
+"""A training run: what it is made of (Run), what it has done so far (TrainState), and how
+train.py sets it up: output folder, data and model, loaders, optimizer, then the checkpoint to
+resume from.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+
+import cli
+import distributed
+from cli import fail, say
+
+
+def empty_window():
+    return {"loss": 0.0, "steps": 0, "samples": 0}
+
+
+@dataclasses.dataclass
+class TrainState:
+    """The progress a resume needs, besides the weights, optimizer, scheduler, scaler and RNG
+    streams. Saved by state_dict() and restored by from_state_dict() alone, so that what is saved
+    and what is resumed cannot drift apart."""
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    batches_done: int = 0  # micro-batches of this epoch taken, per rank
+    best: dict = dataclasses.field(default_factory=lambda: {"metric": None, "value": None, "step": None})
+    history: list = dataclasses.field(default_factory=list)  # the scores of each evaluation
+    train_log: list = dataclasses.field(default_factory=list)  # (step, mean train loss) at each logged step
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
+    # The steps since the last logged line; kept across a resume so that line averages the same steps.
+    window: dict = dataclasses.field(default_factory=lambda: empty_window())
+
+    def state_dict(self):
+        state = dataclasses.asdict(self)
+        state["window"]["loss"] = float(state["window"]["loss"])  # a device tensor while training
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state):
+        return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls) if f.name in state})
+
+    def evaluated_now(self):
+        return bool(self.history) and self.history[-1]["step"] == self.step
+
+
+@dataclasses.dataclass
+class Run:
+    """What setup() builds for the loop; none of it is replaced while training."""
+    args: argparse.Namespace
+    device: object
+    rank: int
+    world: int
+    model: object  # GIT itself: evaluation and saving use it
+    net: object  # what training's forward and backward go through: the model, or its DDP / compiled wrapper
+    processor: object
+    amp_dtype: object  # the autocast dtype, None for fp32
+    train_loader: object
+    eval_loader: object
+    eval_captions: list
+    eval_images: list  # PIL images of the first --num-examples eval rows, for TensorBoard
+    batches_per_epoch: int  # per rank
+    max_steps: int
+    optimizer: object
+    scheduler: object
+    scaler: object  # a GradScaler, enabled for fp16 only
+    writer: object
+    resume_step: object  # the step of the checkpoint resumed from, or None
+
+    @property
+    def sizes(self):
+        return {"train": len(self.train_loader.dataset), "eval": len(self.eval_loader.dataset)}
+
+
+def written(what, write, *args, **kwargs):
+    """A write that fails (disk full, no permission) stops the run in one line."""
+    try:
+        return write(*args, **kwargs)
+    except OSError as e:
+        fail(f"could not write {what} ({e.strerror or e}); training stopped, "
+             f"the checkpoints written before are intact")
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up: output folder, data and model, loaders, optimizer, then the checkpoint to resume
+
+def setup(args):
+    """(Run, TrainState): everything the loop uses, and where it starts (step 0, or a checkpoint)."""
+    import torch
+
+    quiet_libraries()
+    try:
+        device, rank, world = distributed.init(cli.pick_device(args.device))
+    except ValueError as e:
+        fail(str(e))
+    random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)  # ranks draw their own dropout masks; DDP copies rank 0's weights
+    amp_dtype, use_scaler = cli.pick_precision(args.precision, device)
+    resume_from = prepare_output_dir(args, rank, world)
+    model, processor, tables = load_data_and_model(args, resume_from, device, rank, world)
+    train_loader, eval_loader, eval_captions, eval_images = make_loaders(args, tables, processor, device, rank, world)
+    batches_per_epoch = math.ceil(train_loader.sampler.num_samples / args.batch_size)
+    max_steps = args.max_steps or math.ceil(args.epochs * math.ceil(batches_per_epoch / args.grad_accum))
+    say(f"train {len(train_loader.dataset)} images, eval {len(eval_loader.dataset)} | "
+        f"{math.ceil(batches_per_epoch / args.grad_accum)} steps/epoch, {max_steps} steps | "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | {device} "
+        f"{'fp32' if amp_dtype is None else str(amp_dtype).split('.')[-1]}"
+        + (f" | {world} processes, global batch {args.batch_size * args.grad_accum * world}" if world > 1 else ""))
+    optimizer, scheduler, scaler = make_optimizer(args, model, max_steps, device, use_scaler)
+    state = restore(resume_from, args, optimizer, scheduler, scaler, rank, world)
+    run = Run(args=args, device=device, rank=rank, world=world, model=model, net=wrap_for_training(model, args, device, world),
+              processor=processor, amp_dtype=amp_dtype, train_loader=train_loader, eval_loader=eval_loader,
+              eval_captions=eval_captions, eval_images=eval_images, batches_per_epoch=batches_per_epoch,
+              max_steps=max_steps, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+              writer=open_writer(args, rank, state.step if resume_from else None),
+              resume_step=state.step if resume_from else None)
+    return run, state
+
+
+def quiet_libraries():
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # the PIL-backend notice on every processor load is noise
+    transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def prepare_output_dir(args, rank, world):
+    """Tidy what a crash left in --output-dir, refuse to mix two runs; returns the checkpoint to resume or None."""
+    import checkpoint
+
+    if rank == 0:
+        for line in checkpoint.tidy_interrupted_writes(args.output_dir):
+            print(f"{args.output_dir}: {line}", flush=True)
+    distributed.barrier(world)
+    existing = checkpoint.list_checkpoints(args.output_dir)
+    resume_from = None
+    if args.resume == "latest":
+        if not existing:
+            fail(f"--resume: no complete checkpoint in {args.output_dir!r} to continue from")
+        resume_from = existing[-1][1]
+    elif args.resume is not None:
+        if not os.path.isfile(os.path.join(args.resume, checkpoint.STATE_FILE)):
+            fail(f"--resume: {args.resume!r} is not a checkpoint folder (no {checkpoint.STATE_FILE})")
+        resume_from = args.resume
+    elif existing and not args.overwrite_output_dir:
+        fail(f"{args.output_dir!r} already holds checkpoints of a run; pass --resume to continue it "
+             f"or --overwrite-output-dir to start over")
+    elif args.overwrite_output_dir and rank == 0:
+        for name in [os.path.basename(p) for _, p in existing] + ["best", "runs"]:
+            shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"--output-dir {args.output_dir!r}: {e.strerror}")
+    distributed.barrier(world)
+    return resume_from
+
+
+def load_data_and_model(args, resume_from, device, rank, world):
+    """(model on device, processor, (train table, eval table)); bad data or model names stop in one line."""
+    import torch
+
+    import data
+    from model import ModelLoadError, is_tiny, load_or_build_model
+
+    say(f"loading dataset {args.dataset!r}")
+    try:
+        tables = data.load_tables(args)
+    except data.DataError as e:
+        fail(str(e))
+    # A tiny GIT learns its tokenizer from the training captions; rank 0 writes it, then the others load it.
+    captions = data.caption_texts(tables[0], args.text_column) if is_tiny(args.model) and not resume_from else []
+    with distributed.rank_zero_first(rank, world):
+        try:
+            model, processor = load_or_build_model(args, captions, resume_from, build=rank == 0)
+        except ModelLoadError as e:
+            fail(f"{e}, or --model tiny to train a small GIT from scratch")
+    # Channels-last for the ViT's patch convolution: a git-base-sized step took 4.6 s instead of
+    # 5.0-5.3 s on this CPU (README: Speed). Only 4-D weights change layout.
+    model.to(device, memory_format=torch.channels_last)
+    return model, processor, tables
+
+
+def make_loaders(args, tables, processor, device, rank, world):
+    """(train loader, eval loader, eval references, eval example images). Images are decoded,
+    resized and cropped once and kept as uint8 at the model's resolution, in the cache (memory-mapped)
+    unless --no-cache; rank 0 fills the cache, the others read it."""
+    import numpy as np
+    from PIL import Image
+
+    import batches
+    import checkpoint
+    import data
+
+    t0 = time.time()
+    cache_dir = None if args.no_cache else os.path.expanduser(args.cache_dir)
+    skipped = [] if args.on_bad_sample == "skip" else None
+    prepared = []
+    with distributed.rank_zero_first(rank, world):
+        for table, what in zip(tables, ("train", "eval")):
+            try:
+                prepared.append(batches.prepare_split(table, args.image_column, args.text_column, what,
+                                                      processor.image_processor, skipped, cache_dir))
+            except data.DataError as e:
+                fail(str(e))
+            except OSError as e:
+                fail(f"--cache-dir {cache_dir!r}: {e.strerror or e} (or pass --no-cache)")
+    say(f"images ready in {time.time() - t0:.1f}s" + (f" (cache: {cache_dir})" if cache_dir else " (not cached)"))
+    if skipped and rank == 0:
+        listing = os.path.join(args.output_dir, "skipped.txt")
+        written(listing, checkpoint.write_file_atomically, listing, "".join(line + "\n" for line in skipped))
+        say(f"skipped {len(skipped)} bad rows (unreadable images, empty captions): listed in {listing}")
+    for what, (_, captions) in zip(("train", "eval"), prepared):
+        if not captions:
+            fail(f"no usable {what} rows left in {args.dataset!r} after skipping bad ones")
+    (train_pixels, train_captions), (eval_pixels, eval_captions) = prepared
+    train_set = batches.build_dataset(train_pixels, train_captions, processor, args.max_text_length, args.seed)
+    eval_set = batches.build_dataset(eval_pixels, eval_captions, processor, args.max_text_length, args.seed)
+    pad_id, pin = processor.tokenizer.pad_token_id, device.type == "cuda"
+    train_loader = batches.make_loader(train_set, args.batch_size, batches.EpochSampler(
+        len(train_set), seed=args.seed, num_replicas=world, rank=rank), pad_id, args.num_workers, pin)
+    eval_loader = batches.make_loader(eval_set, args.eval_batch_size, batches.ShardSampler(len(eval_set), world, rank),
+                                      pad_id, args.num_workers, pin)
+    eval_images = [Image.fromarray(np.asarray(eval_pixels[k]).transpose(1, 2, 0))
+                   for k in range(min(args.num_examples, len(eval_captions)))]
+    return train_loader, eval_loader, eval_captions, eval_images
+
+
+def wrap_for_training(model, args, device, world):
+    """What training's forward and backward go through: under torchrun a DDP wrapper, which
+    averages the gradients across ranks during backward; compiled with --compile."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    net = model if world == 1 else DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    return torch.compile(net) if args.compile else net
+
+
+def lr_factor(schedule, warmup, total):
+    def f(step):
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return 1.0 - progress
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+    return f
+
+
+def make_optimizer(args, model, max_steps, device, use_scaler):
+    """(AdamW, learning-rate schedule, GradScaler)."""
+    import torch
+
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]  # biases and LayerNorms
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate,
+                                  fused=True)  # one kernel over all tensors: 0.06 s vs 0.48 s a step at git-base size on CPU
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args.lr_schedule, args.warmup_steps, max_steps))
+    return optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=use_scaler)
+
+
+def restore(resume_from, args, optimizer, scheduler, scaler, rank, world):
+    """The TrainState to start from: a fresh one, or the checkpoint's, with the optimizer,
+    schedule, scaler and this rank's RNG streams put back as they were."""
+    import checkpoint
+
+    if not resume_from:
+        return TrainState(best={"metric": args.metric_for_best, "value": None, "step": None})
+    saved = checkpoint.load_training_state(resume_from)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    scaler.load_state_dict(saved["scaler"])
+    rngs = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]  # one per rank
+    # A different number of ranks than before: every rank continues from rank 0's streams.
+    checkpoint.set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
+    state = TrainState.from_state_dict(saved)
+    say(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch}, batch {state.batches_done})")
+    return state
+
+
+def open_writer(args, rank, resumed_step):
+    """TensorBoard's writer on rank 0 (a stand-in elsewhere); writes training_args.json beside it."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    import checkpoint
+
+    if rank != 0:
+        return distributed.Silent()
+    path = os.path.join(args.output_dir, "training_args.json")
+    written(path, checkpoint.write_file_atomically, path, json.dumps(vars(args), indent=2))
+    # After a crash the log may run past the checkpoint; TensorBoard hides what a killed run wrote
+    # after it (steps from purge_step on), so the curve continues without doubled steps.
+    return SummaryWriter(os.path.join(args.output_dir, "runs"),
+                         purge_step=None if resumed_step is None else resumed_step + 1)
