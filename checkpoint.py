@@ -9,29 +9,68 @@ Every folder is written under a temporary name and renamed into place when compl
 mid-write never leaves a folder that looks finished. training_state.pt holds only tensors and plain
 Python values and loads with torch.load(weights_only=True).
 """
+import errno
+import fcntl
 import json
 import os
 import random
 import re
 import shutil
+import socket
 
 import numpy as np
 import torch
 
 STATE_FILE = "training_state.pt"
+LOCK_FILE = ".lock"  # held by the run that owns the folder; its text names that process
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _LEFTOVER = re.compile(r"^(.+)\.(tmp|old)-\d+$")  # the temporary names write_atomically uses
 
 
+class FolderBusy(Exception):
+    """Another live process holds the folder's lock; the message names it."""
+
+
+def lock_folder(folder):
+    """Take the exclusive OS lock on folder/.lock, or raise FolderBusy naming its holder.
+
+    The lock belongs to the open file: the OS drops it when the process ends, however it ends
+    (kill -9 included), so no stale lock can block a later run. Keep the returned file open for as
+    long as the folder is yours; closing it releases the lock. The file itself is never removed:
+    a process could be holding the lock on a file that was unlinked while another creates a new one."""
+    os.makedirs(folder, exist_ok=True)
+    f = open(os.path.join(folder, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise FolderBusy(holder) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
 def write_atomically(final_dir, write):
-    """Call write(tmp_dir), then rename tmp_dir to final_dir (replacing an older one)."""
+    """Call write(tmp_dir), then rename tmp_dir to final_dir (replacing an older one).
+
+    A full disk surfaces as whatever the writer raises (torch.save: RuntimeError "unexpected pos",
+    which names no cause, so the free space tells; safetensors: SafetensorError with the OS's text;
+    plain files: OSError); it is raised here as OSError(ENOSPC), after the half-written folder is
+    removed."""
     tmp = f"{final_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         os.makedirs(tmp)
         write(tmp)
-    except BaseException:
+    except BaseException as e:
+        full = isinstance(e, Exception) and (os.strerror(errno.ENOSPC) in str(e) or disk_full(tmp))
         shutil.rmtree(tmp, ignore_errors=True)  # a half-written folder must not fill the disk further
+        if full and not (isinstance(e, OSError) and e.errno == errno.ENOSPC):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), final_dir) from e
         raise
     if os.path.exists(final_dir):
         old = f"{final_dir}.old-{os.getpid()}"
@@ -40,6 +79,14 @@ def write_atomically(final_dir, write):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final_dir)
+
+
+def disk_full(path, margin=1 << 20):
+    """Less than margin bytes left for us on path's filesystem (statvfs's f_bavail)."""
+    try:
+        return shutil.disk_usage(path).free < margin
+    except OSError:
+        return False
 
 
 def save_model(out_dir, model, processor, card=None):
@@ -89,7 +136,8 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(output_dir, step, model, processor, training_state, summary, card=None):
+def save_checkpoint(output_dir, step, model, processor, training_state, summary, card=None, args_json=None):
+    """OUTPUT/checkpoint-STEP; args_json, the run's flags, lets a resume check it continues the same run."""
     path = os.path.join(output_dir, f"checkpoint-{step}")
 
     def write(d):
@@ -99,6 +147,9 @@ def save_checkpoint(output_dir, step, model, processor, training_state, summary,
         torch.save(training_state, os.path.join(d, STATE_FILE))
         with open(os.path.join(d, "trainer_state.json"), "w") as f:
             json.dump(summary, f, indent=2)
+        if args_json is not None:
+            with open(os.path.join(d, "training_args.json"), "w") as f:
+                f.write(args_json)
 
     write_atomically(path, write)
     return path

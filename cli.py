@@ -66,6 +66,15 @@ fraction = _number(float, lambda v: 0 < v < 1, "between 0 and 1")
 probability = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
 
 
+def usable_cores(cap=8):
+    """The cores this process may run on (a container's or taskset's share), at most cap."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, cap))
+
+
 def cpu_has_bf16_units():
     try:
         with open("/proc/cpuinfo") as f:

@@ -7,14 +7,17 @@ table with an image column and a caption column (a string, or a list of strings 
 references).
 
 Images are decoded here (not by `datasets`) so that every mode becomes RGB the same way and a bad
-file is reported by name.
+file is reported by name. An imagefolder's metadata.jsonl/csv is read line by line before `datasets`
+reads it, so that a bad line is reported by its number instead of as a pyarrow or pandas traceback.
 
     python data.py synthetic --size 500 --out scenes/   # write the synthetic set as an imagefolder
     python data.py preview --dataset scenes/ --n 5 --out samples.png   # the guide's row of captioned images
     python data.py stats --dataset scenes/                # split sizes, caption lengths, image sizes, bad rows
 """
+import csv
 import io
 import json
+import math
 import os
 import sys
 
@@ -25,6 +28,7 @@ import cli
 import synthetic
 from cli import fail
 from hub import looks_like_path
+from metrics import normalize
 
 SYNTHETIC = "synthetic"
 EVAL_SPLIT_NAMES = ("validation", "valid", "val", "test")
@@ -116,19 +120,292 @@ def load_source(name, seed=0, synthetic_size=1000):
         return synthetic.dataset(synthetic_size, seed)
     if os.path.isdir(name):
         if any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
-            return datasets.load_from_disk(name)
-        if any(os.path.isfile(os.path.join(name, f)) for f in ("metadata.jsonl", "metadata.csv")):
-            return datasets.load_dataset("imagefolder", data_dir=name)
+            return load_saved(name)
+        found = metadata_files(name)
+        if found:
+            return load_imagefolder(name, found)
+        if os.path.isfile(os.path.join(name, "dataset_info.json")):  # a save_to_disk folder that lost its state.json
+            return load_saved(name)
         raise DataError(f"dataset folder {name!r} has neither metadata.jsonl/metadata.csv (imagefolder) "
                         f"nor dataset_dict.json/state.json (save_to_disk)")
+    if os.path.exists(name):
+        raise DataError(f"--dataset {name!r} is a file; give the folder that holds the images and metadata.jsonl/csv")
     if looks_like_path(name):
         raise DataError(f"dataset folder {name!r} does not exist")
     try:
         return datasets.load_dataset(name)
-    except Exception as e:  # the Hub client raises many kinds; all mean the same thing to a user
-        raise DataError(f"dataset {name!r} is not a local folder and could not be loaded from the Hugging Face "
-                        f"Hub ({type(e).__name__}: offline and not cached, or no such dataset); pass an imagefolder or "
-                        f"save_to_disk folder, or --dataset synthetic") from None
+    except Exception as e:  # the Hub client raises many kinds
+        if unreachable(e):
+            raise DataError(f"dataset {name!r} is not a local folder and could not be loaded from the Hugging Face "
+                            f"Hub ({type(e).__name__}: offline and not cached, or no such dataset); pass an "
+                            f"imagefolder or save_to_disk folder, or --dataset synthetic") from None
+        # reached and found, but unreadable: a damaged cache, a format `datasets` cannot read
+        raise DataError(f"dataset {name!r} (Hugging Face Hub) could not be loaded: {first_line(e)}") from None
+
+
+def first_line(e, limit=200):
+    """An exception as one line: its type and the first line of its message, cut at `limit` characters."""
+    text = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not text:
+        return type(e).__name__
+    return f"{type(e).__name__}: {text[0] if len(text[0]) <= limit else text[0][:limit] + '...'}"
+
+
+def unreachable(e):
+    """Whether a Hub load failed for want of the dataset (offline, not cached, no such id), not for its content."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    return isinstance(e, (ConnectionError, TimeoutError, FileNotFoundError, HfHubHTTPError))
+
+
+def load_imagefolder(name, found):
+    """An imagefolder, its metadata checked line by line first: `datasets` reports a bad line as a pyarrow or
+    pandas error about a row of a block, or loads it and leaves the row without its image."""
+    import datasets
+
+    if len({os.path.basename(f) for f in found}) > 1:
+        raise DataError(f"dataset folder {name!r} has both metadata.jsonl and metadata.csv files; keep one kind")
+    columns = set()
+    for path in found:
+        columns.update(check_metadata(path, os.path.join(name, os.path.relpath(path, name))))
+
+    def unread(source):
+        return sorted(columns - set.intersection(*(set(split.column_names) for split in source.values())))
+
+    try:
+        source = datasets.load_dataset("imagefolder", data_dir=name)
+        if unread(source) and found == [os.path.join(name, os.path.basename(found[0]))]:
+            # `datasets` takes train/test/val in file or folder names (COCO_train2014_000000.jpg) for split
+            # names, then reads only the metadata files inside a split: a top-level metadata file naming every
+            # image was ignored. Read as one split, the folder is what its metadata says.
+            source = datasets.load_dataset("imagefolder", data_dir=name, data_files={"train": ["**"]})
+    except Exception as e:  # what the checks above did not foresee still gets one line
+        raise DataError(f"dataset folder {name!r} (imagefolder) could not be loaded: {first_line(e)}") from None
+    if unread(source):
+        raise DataError(f"dataset folder {name!r}: `datasets` did not read the column(s) {', '.join(unread(source))} "
+                        f"of its metadata: it takes train/test/val in file and folder names for splits and reads "
+                        f"only the metadata files inside a split; put each split's metadata file in its folder")
+    return source
+
+
+def load_saved(name):
+    """A save_to_disk folder; when `datasets` cannot load it, the file that is damaged is named if it can be told."""
+    import datasets
+
+    try:
+        return datasets.load_from_disk(name)
+    except Exception as e:
+        raise DataError(damaged_saved_folder(name) or
+                        f"dataset folder {name!r} (save_to_disk) could not be loaded: {first_line(e)}") from None
+
+
+def damaged_saved_folder(name):
+    """The first damaged or missing file of a save_to_disk folder, as a one-line reason; None when all look whole."""
+    import pyarrow as pa
+
+    def read_json(path):
+        shown = os.path.join(name, os.path.relpath(path, name))
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f), None
+        except FileNotFoundError:
+            return None, f"{shown} is missing: the save_to_disk folder is incomplete"
+        except (OSError, UnicodeDecodeError) as e:
+            return None, f"{shown}: {getattr(e, 'strerror', None) or e}"
+        except json.JSONDecodeError as e:
+            return None, (f"{shown}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno}); "
+                          f"the save_to_disk folder is damaged")
+
+    splits = [""]
+    if os.path.isfile(os.path.join(name, "dataset_dict.json")):
+        listing, problem = read_json(os.path.join(name, "dataset_dict.json"))
+        if problem:
+            return problem
+        if not isinstance(listing, dict) or not isinstance(listing.get("splits"), list):
+            return f"{os.path.join(name, 'dataset_dict.json')}: no \"splits\" list; the save_to_disk folder is damaged"
+        splits = [str(s) for s in listing["splits"]]
+    for split in splits:
+        folder = os.path.join(name, split)
+        for part in ("dataset_info.json", "state.json"):
+            state, problem = read_json(os.path.join(folder, part))
+            if problem:
+                return problem
+        files = state.get("_data_files") if isinstance(state, dict) else None
+        if not isinstance(files, list) or not all(isinstance(f, dict) and "filename" in f for f in files):
+            return (f"{os.path.join(folder, 'state.json')}: no \"_data_files\" list of file names; "
+                    f"the save_to_disk folder is damaged")
+        for f in files:
+            path = os.path.join(folder, str(f["filename"]))
+            if not os.path.isfile(path):
+                return f"{path} is missing (named in {os.path.join(folder, 'state.json')})"
+            try:
+                with pa.memory_map(path) as source:
+                    pa.ipc.open_stream(source).read_all()
+            except (OSError, pa.ArrowException) as e:
+                return f"{path}: not a whole Arrow file ({first_line(e)}); the save_to_disk folder is damaged"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# An imagefolder's metadata, checked before `datasets` reads it
+
+METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
+# Image files a metadata line names but the folder lacks: path -> "FILE line N". Such a row is a bad row
+# (skipped or named by --on-bad-sample, like an unreadable image); this tells read_row which line it came from.
+missing_images = {}
+
+
+def metadata_files(folder):
+    """The metadata files `datasets` reads in an imagefolder: at its top, or in split sub-folders (train/, ...)."""
+    found = []
+    with os.scandir(folder) as entries:
+        subs = sorted(e.path for e in entries if e.is_dir() and not e.name.startswith((".", "__")))
+    for where in [folder, *subs]:
+        found += [os.path.join(where, n) for n in METADATA_NAMES if os.path.isfile(os.path.join(where, n))]
+    return found
+
+
+def check_metadata(path, shown):
+    """Check a metadata.jsonl/csv as `datasets` will read it: UTF-8, one JSON object per line (or CSV records
+    with the header's number of fields), a file name on every row, a column's type the same on every line.
+    Raises DataError naming `shown` and the line; notes the rows whose image file is missing. Returns the
+    columns besides the file names (those holding a value somewhere), which the loaded table must have."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"{shown}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line, line_start = raw.count(b"\n", 0, e.start) + 1, raw.rfind(b"\n", 0, e.start) + 1
+        raise DataError(f"{shown} line {line}: not UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                        f"{e.start - line_start + 1}); save it as UTF-8") from None
+    images = ImageFiles(os.path.dirname(path), shown)
+    rows, columns = (jsonl_rows if path.endswith(".jsonl") else csv_rows)(text, shown, images.check)
+    if not rows:
+        raise DataError(f"{shown} has no rows: an imagefolder needs one line per image, with its file_name and caption")
+    return columns
+
+
+def is_file_key(key):
+    """The columns `datasets` turns into images: file_name, *_file_name, file_names, *_file_names."""
+    return key in ("file_name", "file_names") or key.endswith(("_file_name", "_file_names"))
+
+
+def jsonl_rows(text, shown, check_image):
+    """Check each line of a metadata.jsonl and the file name on it; (rows, columns). DataError naming a bad line."""
+    decode = json.JSONDecoder().decode
+    kind_of, line_of = {}, {}  # column -> its JSON type, and the line that set it: pyarrow wants one type per column
+    file_keys, rows = None, 0
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line or line.isspace():
+            continue
+        try:
+            row = decode(line)
+        except ValueError as e:
+            raise DataError(f"{shown} line {number}: not valid JSON ({e.msg}: column {e.colno})") from None
+        if row.__class__ is not dict:
+            raise DataError(f"{shown} line {number}: not a JSON object ({{...}}) but {json_kind(row)}")
+        if file_keys is None:
+            file_keys = [k for k in row if is_file_key(k)] or ["file_name"]
+        for key, value in row.items():
+            kind = "a string" if value.__class__ is str else json_kind(value)
+            seen = kind_of.get(key)
+            if kind == seen or kind is None:
+                continue
+            if kind.startswith("a list mixing"):
+                raise DataError(f"{shown} line {number}: {key!r} is {kind}; a column holds one type")
+            if seen is None or seen == "a list" and kind.startswith("a list"):
+                kind_of[key], line_of[key] = kind, number
+            elif not (kind == "a list" and seen.startswith("a list")):
+                raise DataError(f"{shown} line {number}: {key!r} is {kind} here but {seen} on line {line_of[key]}; "
+                                f"a column holds one type")
+        for key in file_keys:
+            check_image(key, row.get(key), number)
+        rows += 1
+    return rows, [k for k in kind_of if not is_file_key(k)]
+
+
+PLURALS = {"a string": "strings", "a number": "numbers", "a boolean": "booleans", "an object": "objects"}
+
+
+def json_kind(value):
+    """The type pyarrow gives a JSON value, in words; None for null, which fits any column."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        inner = {json_kind(v) for v in value} - {None}
+        if len(inner) > 1:
+            return "a list mixing " + " and ".join(sorted(PLURALS.get(k, "lists") for k in inner))
+        return f"a list of {PLURALS.get(next(iter(inner)), 'lists')}" if inner else "a list"
+    return ("a boolean" if isinstance(value, bool) else "a number" if isinstance(value, (int, float))
+            else "a string" if isinstance(value, str) else "an object")
+
+
+def csv_rows(text, shown, check_image):
+    """Check each record of a metadata.csv and the file name in it; (rows, columns). DataError naming a bad
+    line. pandas, which `datasets` uses, stops at a record with too many fields, and fills one with too few."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header, start, rows = None, 1, 0  # start: the line the next record begins on (a quoted field may span lines)
+    try:
+        for record in reader:
+            number, start = start, reader.line_num + 1
+            if not any(field.strip() for field in record):
+                continue
+            if header is None:
+                header, header_line = record, number
+                file_columns = [(i, k) for i, k in enumerate(header) if is_file_key(k)]
+                if not file_columns:
+                    raise DataError(f"{shown} line {number}: no file_name column in the header "
+                                    f"(columns: {', '.join(header)}); the first line names the columns")
+                continue
+            if len(record) != len(header):
+                raise DataError(f"{shown} line {number}: {len(record)} field{'s' * (len(record) != 1)} but the "
+                                f"header (line {header_line}) has {len(header)}; a comma in a caption needs quotes")
+            for i, key in file_columns:
+                check_image(key, record[i] or None, number)
+            rows += 1
+    except csv.Error as e:
+        problem = "a quoted field opens here and is never closed" if "end of data" in str(e) else f"bad quoting ({e})"
+        raise DataError(f"{shown} line {start}: {problem}") from None
+    return rows, [k for k in header or [] if not is_file_key(k)]
+
+
+class ImageFiles:
+    """The image files a metadata file names, each checked as `datasets` will resolve it. Folders are listed
+    once each instead of a stat per file: a COCO-sized metadata file names 120k images 600k times."""
+
+    def __init__(self, folder, shown):
+        self.folder, self.shown, self.listed = folder, shown, {}
+        self.present = self.listing(folder)  # names known good: those of the metadata file's own folder, to start
+
+    def listing(self, folder):
+        if folder not in self.listed:
+            try:
+                self.listed[folder] = set(os.listdir(folder))
+            except OSError:
+                self.listed[folder] = set()
+        return self.listed[folder]
+
+    def check(self, key, value, number):
+        if value.__class__ is str and value in self.present:
+            return
+        where = f"{self.shown} line {number}"
+        for name in value if isinstance(value, list) and key.endswith("file_names") else [value]:
+            if name is None or name == "":
+                raise DataError(f"{where}: no {key!r} naming the image")
+            if not isinstance(name, str):
+                raise DataError(f"{where}: {key!r} must be a file name (a string), not {name!r}")
+            relative = os.path.normpath(name).replace("\\", "/")
+            if "://" in name or os.path.isabs(name) or relative == ".." or relative.startswith("../"):
+                raise DataError(f"{where}: {key} {name!r} must be a path inside {os.path.dirname(self.shown) or '.'}")
+            path = os.path.join(self.folder, relative)
+            folder, base = os.path.split(path)
+            if base in self.listing(folder):
+                self.present.add(name)
+            else:
+                missing_images[os.path.realpath(path)] = where
 
 
 def split_source(source, test_size, seed):
@@ -139,8 +416,20 @@ def split_source(source, test_size, seed):
         eval_name = next((n for n in EVAL_SPLIT_NAMES if n in source), None)
         train_name = "train" if "train" in source else next(iter(source))
         if eval_name is not None and eval_name != train_name:
+            for name in (train_name, eval_name):
+                if len(source[name]) == 0:
+                    raise DataError(f"the dataset's {name!r} split has no rows")
             return source[train_name], source[eval_name]
         source = source[train_name]
+    n = len(source)
+    held_out = math.ceil(test_size * n)  # as train_test_split counts it
+    if held_out < 1 or n - held_out < 1:
+        need = max(2, math.floor(1 / (1 - test_size)) - 1)
+        while need - math.ceil(test_size * need) < 1:
+            need += 1
+        raise DataError(f"{n} row{'s' * (n != 1)} cannot be split into train and eval with --test-size {test_size} "
+                        f"({n - held_out} to train on, {held_out} to evaluate): that needs at least {need} rows, "
+                        f"or a source with its own validation split")
     parts = source.train_test_split(test_size=test_size, seed=seed)
     return parts["train"], parts["test"]
 
@@ -179,11 +468,29 @@ def image_cell(value, i):
 
 
 def caption_refs(text):
-    """A caption cell -> its non-empty references, stripped; None when not a string or a list of strings."""
+    """A caption cell -> its usable references, stripped; None when not a string or a list of strings.
+    A reference is usable when a word is left after metrics.normalize: an empty or punctuation-only one
+    ("...", "!!!") would be an empty reference at evaluation, so it is dropped, and a row left with none is
+    a bad row."""
     refs = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
     if refs is None or not all(isinstance(t, str) for t in refs):
         return None
-    return [t.strip() for t in refs if t and t.strip()]
+    return [t.strip() for t in refs if normalize(t)]
+
+
+def no_caption(text, text_column):
+    """Why a caption cell that caption_refs found no usable reference in is bad, in words."""
+    refs = [text] if isinstance(text, str) else list(text or [])
+    shown = next((t.strip() for t in refs if t.strip()), None)
+    if shown is None:
+        return f"empty caption in column {text_column!r}"
+    return f"caption {shown[:40]!r} in column {text_column!r} has no words (only punctuation or symbols)"
+
+
+def image_label(label, source):
+    """The label of an image cell, with the metadata line that names it when the file is missing."""
+    named = missing_images.get(os.path.realpath(source)) if isinstance(source, str) and missing_images else None
+    return f"{label}, named on {named}" if named else label
 
 
 def caption_texts(ds, text_column):
@@ -222,11 +529,11 @@ def read_row(row, i, image_column, text_column, what):
     if refs is None:
         raise DataError(f"{what} row {i}: column {text_column!r} must hold a string or a list of strings")
     if not refs:
-        raise DataError(f"{what} row {i} ({label}): empty caption in column {text_column!r}")
+        raise DataError(f"{what} row {i} ({label}): {no_caption(row[text_column], text_column)}")
     try:
         return open_image(source), refs
     except DataError as e:
-        raise DataError(f"{what} row {i} ({label}): {str(e).split(': ', 1)[-1]}") from None
+        raise DataError(f"{what} row {i} ({image_label(label, source)}): {str(e).split(': ', 1)[-1]}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +644,8 @@ def scan_rows(ds, image_column, text_column, what, count, found, warnings):
                 found["width"].append(image.width)
                 found["height"].append(image.height)
             except DataError as e:
+                named = image_label(label, source)
+                name = name if named == label else f"{what} row {i} ({named})"
                 warnings["unreadable_image"].append(f"{name}: {str(e).split(': ', 1)[-1]}")
         text = row[text_column]
         refs = [] if text is None else caption_refs(text)

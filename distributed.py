@@ -31,13 +31,13 @@ def barrier(world):
 
 
 @contextlib.contextmanager
-def rank_zero_first(rank, world):
-    """Rank 0 runs the block first (it writes a file, fills a cache); the others wait, then run it
-    and find the work done."""
-    if rank != 0:
+def first_then_others(first, world):
+    """The ranks for which `first` is true run the block first (they write a file, fill a cache);
+    the others wait, then run it and find the work done. Every rank meets one barrier."""
+    if not first:
         barrier(world)
     yield
-    if rank == 0:
+    if first:
         barrier(world)
 
 

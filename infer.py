@@ -3,24 +3,34 @@
     python infer.py img.png photos/ https://example.com/cat.jpg    # path<TAB>caption per image
     python infer.py photos/ --recursive --json                      # one JSON object per image
     python infer.py photos/ --output captions.jsonl                 # or .csv
+    python infer.py photos/ --output captions.jsonl --resume        # after a kill: caption the rest
     python infer.py img.png --num-beams 3 --num-captions 3
 
 From Python: `from infer import caption; caption(["img.png"], model="git-base-pokemon/best")`.
 
 --model is a save_pretrained folder, a training output folder (its best/ is used) or a Hub id.
+Images are read, decoded and preprocessed by --num-workers processes a few batches ahead of the
+model; each batch's captions are printed, and appended to --output, as soon as they exist.
 An input that cannot be read (missing, not an image, truncated, too many pixels, a failed
 download) gets one line on stderr naming it; the others are still captioned; exit status 1.
 """
 import csv
+import fcntl
 import functools
+import io
 import json
 import os
 import sys
+from collections import Counter
 
 import cli
 import hub
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# Batches each worker process keeps ready (DataLoader's prefetch_factor): at most
+# batch-size x num-workers x PREFETCH images are decoded ahead of generate, however many inputs.
+PREFETCH = 2
+CSV_HEADER = ["image", "caption", "error"]
 
 
 def parse_args(argv=None):
@@ -31,8 +41,16 @@ def parse_args(argv=None):
       help="a save_pretrained folder, a train.py output folder (uses its best/), or a Hub id")
     a("--recursive", action="store_true", help="also caption images in sub-folders of folder inputs")
     a("--json", action="store_true", help='print one JSON object per image: {"image", "caption", "captions", "error"}')
-    a("--output", help="also write the results to this .jsonl or .csv file")
+    a("--output", help="also write the results to this .jsonl or .csv file (OUTPUT.partial until all are done)")
+    a("--resume", action="store_true",
+      help="with --output: keep the rows already in OUTPUT.partial (or a finished OUTPUT) and caption the rest")
     a("--batch-size", type=cli.positive_int, default=16)
+    a("--num-workers", type=cli.non_negative_int, default=cli.usable_cores(),
+      help="processes that read, decode and preprocess images ahead of the model (default: the usable "
+           "cores, at most 8); 0: all in this process")
+    a("--exact-preprocessing", action="store_true",
+      help="decode JPEGs at full size before resizing, so pixels equal the image processor's own output "
+           "(slower; by default a large JPEG is decoded at 1/2, 1/4 or 1/8 size)")
     a("--max-length", type=cli.positive_int, default=50, help="max_length for model.generate (caption tokens)")
     a("--num-beams", type=cli.positive_int, default=1)
     a("--do-sample", action="store_true", help="sample instead of greedy/beam search")
@@ -52,6 +70,10 @@ def parse_args(argv=None):
         p.error("--num-captions above 1 needs --do-sample, or --num-beams at least as large")
     if args.output and not args.output.endswith((".jsonl", ".csv")):
         p.error(f"--output {args.output!r}: the file name must end in .jsonl or .csv")
+    if args.output and os.path.isdir(args.output):
+        p.error(f"--output {args.output!r} is a folder; name a .jsonl or .csv file")
+    if args.resume and not args.output:
+        p.error("--resume needs --output: it continues the rows written to OUTPUT.partial")
     return args
 
 
@@ -102,17 +124,84 @@ def fetch(url, timeout, max_bytes):
     return body
 
 
-def load_input(item, timeout=20.0, max_bytes=50 << 20):
-    """An RGB PIL image from a path, URL or PIL image; raises DataError naming the input."""
+def load_input(item, timeout=20.0, max_bytes=50 << 20, draft=None):
+    """An RGB PIL image from a path, URL or PIL image; raises DataError naming the input.
+    draft: the shortest edge the image will be resized to (see data.open_image)."""
     from data import DataError, open_image
 
     if is_url(item):
         try:
-            return open_image(fetch(item, timeout, max_bytes))
+            return open_image(fetch(item, timeout, max_bytes), draft=draft)
         except DataError as e:
             message = str(e)
             raise DataError(message if message.startswith(item) else f"{item}: {message.split(': ', 1)[-1]}") from None
-    return open_image(item)
+    return open_image(item, draft=draft)
+
+
+def new_row(image):
+    return {"image": image, "caption": None, "captions": [], "error": None}
+
+
+class Reader:
+    """The inputs as a map-style dataset for torch's DataLoader: reader[i] is (row, decoded RGB image
+    or None). An unreadable input is a row with its error, not an exception, so that it leaves the
+    other images of its batch alone. A plain class: importing infer must not import torch."""
+
+    def __init__(self, items, draft=None, timeout=20.0, max_bytes=50 << 20):
+        self.items, self.draft, self.timeout, self.max_bytes = items, draft, timeout, max_bytes
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        from data import DataError
+
+        item = self.items[i]
+        name = item if isinstance(item, str) else "image"  # the name open_image gives a PIL input
+        row = new_row(item if isinstance(item, str) else f"image {i}")
+        try:
+            return row, load_input(item, self.timeout, self.max_bytes, self.draft)
+        except DataError as e:
+            row["error"] = str(e).removeprefix(f"{name}: ")
+            return row, None
+
+
+def preprocess(image_processor, images):
+    """The checkpoint's image processor over a batch of PIL images: (N, 3, H, W) float32."""
+    return image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+class Collate:
+    """A batch of Reader items -> (rows, pixels of the readable ones or None), run in the worker.
+    Pixels travel back as a numpy array, pickled through the worker's pipe rather than placed in
+    shared memory: a container's small /dev/shm (64 MB by default in Docker) is then no limit."""
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+
+    def __call__(self, batch):
+        images = [image for _, image in batch if image is not None]
+        return [row for row, _ in batch], preprocess(self.image_processor, images).numpy() if images else None
+
+
+def loader(reader, image_processor, batch_size=16, num_workers=0):
+    """Batches of (rows, pixels) in input order, num_workers processes reading ahead; with
+    num_workers 0 each batch is read in this process when it is asked for."""
+    import torch
+
+    num_workers = min(num_workers, -(-len(reader) // batch_size))  # no idle processes for a few images
+    return torch.utils.data.DataLoader(
+        reader, batch_size=batch_size, num_workers=num_workers, collate_fn=Collate(image_processor),
+        prefetch_factor=PREFETCH if num_workers else None, in_order=True,
+        # Its own generator: the iterator's seed draw must not move the global RNG that
+        # --do-sample was seeded with, or the sampled captions would depend on --num-workers.
+        generator=torch.Generator())
+
+
+def reader_for(items, image_processor, exact=False, timeout=20.0, max_bytes=50 << 20):
+    from data import draft_size
+
+    return Reader(items, None if exact else draft_size(image_processor), timeout, max_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,49 +227,222 @@ def load(name, device_name="auto", precision="auto", trust_remote_code=False):
     return model, processor, device, amp_dtype
 
 
+def generation_options(max_length=50, num_beams=1, do_sample=False, temperature=1.0, top_p=1.0, num_captions=1):
+    options = dict(max_length=max_length, num_beams=num_beams, num_return_sequences=num_captions)
+    if do_sample:
+        options.update(do_sample=True, temperature=temperature, top_p=top_p)
+    return options
+
+
+def generate_pixels(model, processor, device, amp_dtype, pixels, options):
+    """One batch of preprocessed pixels -> a list (one per image) of lists of captions."""
+    import torch
+
+    with torch.inference_mode(), cli.autocast(device, amp_dtype):
+        ids = model.generate(pixel_values=pixels.to(device), **options)
+    texts = processor.batch_decode(ids, skip_special_tokens=True)
+    n = options["num_return_sequences"]
+    return [texts[k:k + n] for k in range(0, len(texts), n)]
+
+
 def generate(model, processor, device, amp_dtype, images, max_length=50, batch_size=16, num_beams=1,
              do_sample=False, temperature=1.0, top_p=1.0, num_captions=1, seed=0):
-    """A list (one per image) of lists of num_captions captions."""
+    """Decoded PIL images -> a list (one per image) of lists of num_captions captions."""
     import torch
 
     if do_sample:
         torch.manual_seed(seed)
-    options = dict(max_length=max_length, num_beams=num_beams, num_return_sequences=num_captions)
-    if do_sample:
-        options.update(do_sample=True, temperature=temperature, top_p=top_p)
+    options = generation_options(max_length, num_beams, do_sample, temperature, top_p, num_captions)
     out = []
     for i in range(0, len(images), batch_size):
-        pixels = processor.image_processor(images=images[i:i + batch_size], return_tensors="pt")["pixel_values"]
-        with torch.inference_mode(), cli.autocast(device, amp_dtype):
-            ids = model.generate(pixel_values=pixels.to(device), **options)
-        texts = processor.batch_decode(ids, skip_special_tokens=True)
-        out += [texts[k:k + num_captions] for k in range(0, len(texts), num_captions)]
+        pixels = preprocess(processor.image_processor, images[i:i + batch_size])
+        out += generate_pixels(model, processor, device, amp_dtype, pixels, options)
     return out
 
 
+def captioned(model, processor, device, amp_dtype, batches, do_sample=False, seed=0, **options):
+    """Each batch's rows, in input order, with captions filled in, as soon as generate has them."""
+    import torch
+
+    if do_sample:
+        torch.manual_seed(seed)
+    options = generation_options(do_sample=do_sample, **options)
+    for rows, pixels in batches:
+        if pixels is not None:
+            good = [row for row in rows if row["error"] is None]
+            texts = generate_pixels(model, processor, device, amp_dtype, torch.from_numpy(pixels), options)
+            for row, captions in zip(good, texts):
+                row["caption"], row["captions"] = captions[0], captions
+        yield rows
+
+
 def caption(images, model="git-base-pokemon/best", device="auto", precision="auto", trust_remote_code=False,
-            **options):
+            exact_preprocessing=False, num_workers=0, batch_size=16, timeout=20.0, max_download_mb=50.0, **options):
     """Captions for images (paths, URLs or PIL images): one string each, or a list of
-    num_captions strings each when num_captions > 1. Raises data.DataError for an unreadable image."""
+    num_captions strings each when num_captions > 1. Raises data.DataError for an unreadable image.
+    The same reading, preprocessing and batching as the command line, so the same captions;
+    num_workers 0 (the default here) starts no processes."""
+    from data import DataError
+
     model_, processor, device_, amp_dtype = load(model, device, precision, trust_remote_code)
-    pil = [load_input(x) for x in images]
-    results = generate(model_, processor, device_, amp_dtype, pil, **options)
+    reader = reader_for(list(images), processor.image_processor, exact_preprocessing, timeout,
+                        int(max_download_mb * (1 << 20)))
+    results = []
+    for rows in captioned(model_, processor, device_, amp_dtype,
+                          loader(reader, processor.image_processor, batch_size, num_workers), **options):
+        for row in rows:
+            if row["error"]:
+                raise DataError(f"{row['image']}: {row['error']}")
+            results.append(row["captions"])
     return [r[0] for r in results] if options.get("num_captions", 1) == 1 else results
+
+
+# ---------------------------------------------------------------------------------------------
+# --output: rows appended to OUTPUT.partial as they come, renamed to OUTPUT when all are done
+
+def format_rows(rows, as_csv):
+    """Rows as the bytes of .jsonl lines or .csv records."""
+    if not as_csv:
+        return "".join(json.dumps(row) + "\n" for row in rows).encode()
+    text = io.StringIO()
+    csv.writer(text).writerows([[r["image"], r["caption"] or "", r["error"] or ""] for r in rows])
+    return text.getvalue().encode("utf-8", errors="surrogateescape")
+
+
+def format_header():
+    text = io.StringIO()
+    csv.writer(text).writerow(CSV_HEADER)
+    return text.getvalue().encode()
+
+
+def complete_rows(data, as_csv):
+    """(rows, their length in bytes) of the complete rows at the start of an output file's bytes.
+    Whatever follows them (a row cut off by a kill in the middle of a write, or anything that is
+    not a row infer.py writes) is not counted, to be cut off and redone."""
+    text = data[:data.rfind(b"\n") + 1].decode("utf-8", errors="surrogateescape")
+    rows, end, used = [], 0, [0]
+
+    def lines():  # counts what the csv reader took, so that `end` falls after its last whole row
+        for line in io.StringIO(text, newline=""):
+            used[0] += len(line)
+            yield line
+
+    if as_csv:
+        records = csv.reader(lines(), strict=True)
+        try:
+            if next(records, None) != CSV_HEADER:
+                return [], 0
+            end = used[0]
+            for record in records:
+                if len(record) != 3:
+                    break
+                rows.append({"image": record[0], "caption": record[1] or None, "error": record[2] or None})
+                end = used[0]
+        except csv.Error:
+            pass
+    else:
+        for line in lines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                break
+            if not (isinstance(row, dict) and row.keys() == {"image", "caption", "captions", "error"}
+                    and isinstance(row["image"], str)):
+                break
+            rows.append(row)
+            end = used[0]
+    return rows, len(text[:end].encode("utf-8", errors="surrogateescape"))
+
+
+class Output:
+    """--output while a run writes it. Rows go to OUTPUT.partial, a batch per write, flushed, so a
+    killed run keeps every row it captioned; when every input has its row the file is renamed to
+    OUTPUT. With resume, the complete rows already in OUTPUT.partial (or, when there is none, a
+    finished OUTPUT) are kept and counted as done, and a row cut off at the end is dropped.
+    Raises OSError, or RuntimeError when another run holds the file."""
+
+    def __init__(self, path, resume=False):
+        self.path, self.partial, self.csv = path, f"{path}.partial", path.endswith(".csv")
+        self.done, self.restarted = [], False
+        existed = os.path.exists(self.partial)
+        # "a+b" does not truncate: a second run on the same --output must fail on the lock below,
+        # not after it has emptied the first run's file.
+        self.file = open(self.partial, "a+b")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise RuntimeError(f"another infer.py is writing {self.partial!r}") from None
+        self.file.seek(0)
+        kept = self.file.read()
+        if resume and not existed and os.path.isfile(path):
+            with open(path, "rb") as f:
+                kept = f.read()
+        if resume:
+            self.done, size = complete_rows(kept, self.csv)
+            kept = kept[:size]
+        else:
+            self.restarted, kept = bool(kept), b""
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(kept or (format_header() if self.csv else b""))
+        self.file.flush()
+
+    def pending(self, items):
+        """The inputs without a row yet, in order (an input given twice needs two rows)."""
+        done = Counter(row["image"] for row in self.done)
+        out = []
+        for item in items:
+            if done[item]:
+                done[item] -= 1
+            else:
+                out.append(item)
+        return out
+
+    def write(self, rows):
+        self.file.write(format_rows(rows, self.csv))
+        self.file.flush()
+
+    def finish(self):
+        os.replace(self.partial, self.path)  # before closing: the lock is held until the name is gone
+        self.file.close()
 
 
 # ---------------------------------------------------------------------------------------------
 # The command line
 
-def write_output(path, rows):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
-        if path.endswith(".csv"):
-            w = csv.writer(f)
-            w.writerow(["image", "caption", "error"])
-            w.writerows([[r["image"], r["caption"] or "", r["error"] or ""] for r in rows])
+class Printer:
+    """Rows to stdout and errors to stderr, each line flushed as it is written; a progress bar
+    with images/s on stderr when stderr is a terminal (lines are printed above it)."""
+
+    def __init__(self, as_json, total, initial=0):
+        self.as_json, self.bar = as_json, None
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="img", file=sys.stderr, dynamic_ncols=True)
+
+    def line(self, text, stream):
+        if self.bar is not None:
+            self.bar.write(text, file=stream)
         else:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
+            print(text, file=stream, flush=True)
+
+    def rows(self, rows):
+        for row in rows:
+            if row["error"] is not None:
+                self.line(f"error: {row['image']}: {row['error']}", sys.stderr)
+            if self.as_json:
+                self.line(json.dumps(row), sys.stdout)
+            elif row["error"] is None:
+                for text in row["captions"]:
+                    self.line(f"{row['image']}\t{text}", sys.stdout)
+        if self.bar is not None:
+            self.bar.update(len(rows))
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def main(argv=None):
@@ -189,7 +451,6 @@ def main(argv=None):
     # Heavy imports after argument parsing, so --help and flag errors answer at once.
     import transformers
 
-    from data import DataError
     from model import ModelLoadError
 
     transformers.logging.set_verbosity_error()
@@ -199,37 +460,64 @@ def main(argv=None):
     except (ModelLoadError, ValueError) as e:
         cli.fail(str(e))
 
-    rows, images, good = [], [], []
-    for item in expand_inputs(args.inputs, args.recursive):
-        row = {"image": item, "caption": None, "captions": [], "error": None}
-        try:
-            images.append(load_input(item, args.timeout, int(args.max_download_mb * (1 << 20))))
-            good.append(row)
-        except DataError as e:
-            row["error"] = str(e).split(": ", 1)[-1] if str(e).startswith(item) else str(e)
-            print(f"error: {e}", file=sys.stderr)
-        rows.append(row)
-    if not rows:
+    items = expand_inputs(args.inputs, args.recursive)
+    if not items:
         print("error: no images found in the inputs given", file=sys.stderr)
         return 1
-    captions = generate(model, processor, device, amp_dtype, images, max_length=args.max_length,
-                        batch_size=args.batch_size, num_beams=args.num_beams, do_sample=args.do_sample,
-                        temperature=args.temperature, top_p=args.top_p, num_captions=args.num_captions, seed=args.seed)
-    for row, texts in zip(good, captions):
-        row["caption"], row["captions"] = texts[0], texts
-    for row in rows:
-        if args.json:
-            print(json.dumps(row), flush=True)
-        elif row["error"] is None:
-            for text in row["captions"]:
-                print(f"{row['image']}\t{text}", flush=True)
+    output, pending = None, items
     if args.output:
         try:
-            write_output(args.output, rows)
-        except OSError as e:
-            print(f"error: --output {args.output!r}: {e.strerror}", file=sys.stderr)
-            return 1
-    return 1 if any(r["error"] for r in rows) else 0
+            output = Output(args.output, args.resume)
+        except (OSError, RuntimeError) as e:
+            cli.fail(f"--output {args.output!r}: {getattr(e, 'strerror', None) or e}", status=1)
+        pending = output.pending(items)
+        if output.restarted:
+            print(f"note: {output.partial} from an earlier run is started over (--resume continues it)",
+                  file=sys.stderr, flush=True)
+        if args.resume:
+            print(f"resuming: {len(items) - len(pending)} of {len(items)} inputs already in {output.partial}",
+                  file=sys.stderr, flush=True)
+    bad = sum(row["error"] is not None for row in output.done) if output else 0
+    reader = reader_for(pending, processor.image_processor, args.exact_preprocessing, args.timeout,
+                        int(args.max_download_mb * (1 << 20)))
+    batches = captioned(model, processor, device, amp_dtype,
+                        loader(reader, processor.image_processor, args.batch_size, args.num_workers),
+                        max_length=args.max_length, num_beams=args.num_beams, do_sample=args.do_sample,
+                        temperature=args.temperature, top_p=args.top_p, num_captions=args.num_captions,
+                        seed=args.seed)
+    printer = Printer(args.json, len(items), len(items) - len(pending))
+    try:
+        for rows in batches:
+            if output:  # first, so that a row seen on the screen is in the file
+                save(output, output.write, rows)
+            printer.rows(rows)
+            bad += sum(row["error"] is not None for row in rows)
+        printer.close()
+        if output:
+            save(output, output.finish)
+    except KeyboardInterrupt:
+        printer.close()
+        print(f"interrupted{kept(output)}", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        printer.close()  # a reading process was killed (out of memory, say)
+        cli.fail(f"{str(e).splitlines()[0].rstrip('. ')}{kept(output)}", status=1)
+    return 1 if bad else 0
+
+
+def kept(output):
+    return f"; the rows so far are in {output.partial!r}, --resume continues" if output else ""
+
+
+def save(output, write, *rows):
+    """A write to --output, or one line naming the file and exit status 1 (disk full, say); the
+    rows written before stay in OUTPUT.partial for --resume."""
+    try:
+        write(*rows)
+    except OSError as e:
+        cli.fail(f"--output {output.path!r}: {e.strerror or e}", status=1)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,12 @@ for predictions[i] against references[i] (a string or a list of strings).
 One normalisation for every metric, applied alike to predictions and references: `normalize` lower-cases,
 removes punctuation (characters that are neither letters, digits, underscore nor whitespace) and
 collapses whitespace. So "A Pikachu!" and "a pikachu" match exactly. Tokens are then the
-whitespace-separated words of the normalised text. An empty prediction scores as an empty caption;
-an empty reference is an error naming the row.
+whitespace-separated words of the normalised text. An empty prediction scores as an empty caption.
+A reference that is empty after normalisation ("", "...", "!!!") has no words to score against and
+is ignored; a row left with no reference is left out of every score (a prediction cannot be wrong
+against nothing, and WER would divide by zero words), and its index is appended to `unscored` when
+a list is passed. The command line refuses such a reference instead, naming its line: there it is
+a mistake in an input file.
 
 WER is corpus-level: the edits (substitutions + deletions + insertions) of all captions added up,
 divided by the words of all references added up; the number `evaluate.load("wer")` and
@@ -47,17 +51,20 @@ def normalize(text):
     return " ".join(_PUNCT.sub("", text.lower()).split())
 
 
-def caption_scores(predictions, references):
+def caption_scores(predictions, references, unscored=None):
     """{"wer", "cer", "bleu4", "rouge_l", "cider_d"} for predictions[i] against references[i]
-    (a string or a list of strings)."""
+    (a string or a list of strings). References empty after normalisation are ignored; the rows left
+    with none are not scored, and their indices are appended to `unscored` when it is a list."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     hyps, all_refs = [], []
     for row, (pred, refs) in enumerate(zip(predictions, references)):
         refs = [refs] if isinstance(refs, str) else list(refs)
-        refs = [normalize(r) for r in refs]
-        if not refs or not all(refs):
-            raise ValueError(f"row {row}: empty reference caption")
+        refs = [r for r in map(normalize, refs) if r]
+        if not refs:
+            if unscored is not None:
+                unscored.append(row)
+            continue
         hyps.append(normalize(pred))
         all_refs.append(refs)
     if not hyps:

@@ -3,6 +3,7 @@ train.py sets it up: output folder, data and model, loaders, optimizer, then the
 resume from.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -27,7 +28,9 @@ class TrainState:
     and what is resumed cannot drift apart."""
     step: int = 0  # optimizer steps taken
     epoch: int = 0
-    batches_done: int = 0  # micro-batches of this epoch taken, per rank
+    # Samples of this epoch taken, all ranks together: in samples, not batches, so that a run
+    # resumed with another number of ranks continues with exactly the samples not yet seen.
+    samples_done: int = 0
     best: dict = dataclasses.field(default_factory=lambda: {"metric": None, "value": None, "step": None})
     history: list = dataclasses.field(default_factory=list)  # the scores of each evaluation
     train_log: list = dataclasses.field(default_factory=list)  # (step, mean train loss) at each logged step
@@ -63,7 +66,7 @@ class Run:
     eval_loader: object
     eval_captions: list
     eval_images: list  # PIL images of the first --num-examples eval rows, for TensorBoard
-    batches_per_epoch: int  # per rank
+    samples_per_epoch: int  # all ranks together, DistributedSampler's padding included
     max_steps: int
     optimizer: object
     scheduler: object
@@ -88,33 +91,51 @@ def written(what, write, *args, **kwargs):
 # ---------------------------------------------------------------------------------------------
 # Set-up: output folder, data and model, loaders, optimizer, then the checkpoint to resume
 
+@contextlib.contextmanager
 def setup(args):
-    """(Run, TrainState): everything the loop uses, and where it starts (step 0, or a checkpoint)."""
-    import torch
-
+    """Yields (Run, TrainState): everything the loop uses, and where it starts (step 0, or a
+    checkpoint). The output folder is this run's alone (an OS lock) until the block ends."""
     quiet_libraries()
     try:
         device, rank, world = distributed.init(cli.pick_device(args.device))
     except ValueError as e:
         fail(str(e))
+    lock = hold_output_dir(args.output_dir, rank, world, device)
+    try:
+        yield build(args, device, rank, world)
+    finally:
+        if lock:
+            lock.close()
+
+
+def build(args, device, rank, world):
+    """(Run, TrainState), in named steps; the output folder is already held."""
+    import torch
+
+    import numpy as np
+
+    # Every stream seeded (numpy's too: it is saved with each checkpoint), so two runs with the
+    # same flags write the same files. Ranks draw their own dropout masks; DDP copies rank 0's weights.
     random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)  # ranks draw their own dropout masks; DDP copies rank 0's weights
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
     amp_dtype, use_scaler = cli.pick_precision(args.precision, device)
     resume_from = prepare_output_dir(args, rank, world)
     model, processor, tables = load_data_and_model(args, resume_from, device, rank, world)
     train_loader, eval_loader, eval_captions, eval_images = make_loaders(args, tables, processor, device, rank, world)
-    batches_per_epoch = math.ceil(train_loader.sampler.num_samples / args.batch_size)
-    max_steps = args.max_steps or math.ceil(args.epochs * math.ceil(batches_per_epoch / args.grad_accum))
+    steps_per_epoch = math.ceil(math.ceil(train_loader.sampler.num_samples / args.batch_size) / args.grad_accum)
+    max_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
     say(f"train {len(train_loader.dataset)} images, eval {len(eval_loader.dataset)} | "
-        f"{math.ceil(batches_per_epoch / args.grad_accum)} steps/epoch, {max_steps} steps | "
+        f"{steps_per_epoch} steps/epoch, {max_steps} steps | "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | {device} "
         f"{'fp32' if amp_dtype is None else str(amp_dtype).split('.')[-1]}"
         + (f" | {world} processes, global batch {args.batch_size * args.grad_accum * world}" if world > 1 else ""))
     optimizer, scheduler, scaler = make_optimizer(args, model, max_steps, device, use_scaler)
-    state = restore(resume_from, args, optimizer, scheduler, scaler, rank, world)
+    samples_per_epoch = train_loader.sampler.total_size
+    state = restore(resume_from, args, optimizer, scheduler, scaler, rank, world, samples_per_epoch)
     run = Run(args=args, device=device, rank=rank, world=world, model=model, net=wrap_for_training(model, args, device, world),
               processor=processor, amp_dtype=amp_dtype, train_loader=train_loader, eval_loader=eval_loader,
-              eval_captions=eval_captions, eval_images=eval_images, batches_per_epoch=batches_per_epoch,
+              eval_captions=eval_captions, eval_images=eval_images, samples_per_epoch=samples_per_epoch,
               max_steps=max_steps, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
               writer=open_writer(args, rank, state.step if resume_from else None),
               resume_step=state.step if resume_from else None)
@@ -130,8 +151,29 @@ def quiet_libraries():
     datasets.disable_progress_bars()
 
 
+def hold_output_dir(output_dir, rank, world, device):
+    """Rank 0 takes the OS lock on --output-dir before anything in it is read, tidied or written;
+    a folder held by another live run stops every rank in one line and is left as it is.
+    Returns the lock (an open file; closing it lets the folder go), None on other ranks."""
+    import checkpoint
+
+    lock, holder = None, None
+    if rank == 0:
+        try:
+            lock = checkpoint.lock_folder(output_dir)
+        except checkpoint.FolderBusy as e:
+            holder = str(e)
+        except OSError as e:
+            fail(f"--output-dir {output_dir!r}: {e.strerror or e}")
+    if distributed.global_sum((holder is not None,), world, device)[0]:
+        fail(f"--output-dir {output_dir!r} is in use by another training run ({holder}); "
+             f"wait for it to end, or choose another --output-dir")
+    return lock
+
+
 def prepare_output_dir(args, rank, world):
-    """Tidy what a crash left in --output-dir, refuse to mix two runs; returns the checkpoint to resume or None."""
+    """Tidy what a crash left in --output-dir, refuse to mix two runs, and check that a resume
+    continues the same run; returns the checkpoint to resume from, or None."""
     import checkpoint
 
     if rank == 0:
@@ -154,12 +196,47 @@ def prepare_output_dir(args, rank, world):
     elif args.overwrite_output_dir and rank == 0:
         for name in [os.path.basename(p) for _, p in existing] + ["best", "runs"]:
             shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
-    try:
-        os.makedirs(args.output_dir, exist_ok=True)
-    except OSError as e:
-        fail(f"--output-dir {args.output_dir!r}: {e.strerror}")
+    if resume_from:
+        check_resume_flags(args, saved_args(resume_from, args.output_dir))
     distributed.barrier(world)
     return resume_from
+
+
+# Flags that decide which samples a step sees, or what a step computes. Resuming with another
+# value would quietly make a run that is neither the old one nor a new one, so it is refused;
+# every other flag may change (intervals, limits, workers, devices) and is said once.
+FIXED_ON_RESUME = ("dataset", "image_column", "text_column", "test_size", "synthetic_size", "on_bad_sample",
+                   "exact_preprocessing", "model", "max_text_length", "batch_size", "grad_accum", "seed",
+                   "learning_rate", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm",
+                   "metric_for_best")
+NOT_COMPARED = ("resume", "overwrite_output_dir", "output_dir", "hub_model_id")
+
+
+def saved_args(resume_from, output_dir):
+    """The flags of the run that wrote the checkpoint (its own copy, else the output folder's), or None."""
+    for folder in (resume_from, output_dir):
+        try:
+            with open(os.path.join(folder, "training_args.json")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def check_resume_flags(args, saved):
+    if saved is None:
+        say("--resume: no training_args.json beside the checkpoint; the flags given are taken as they are")
+        return
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    changed = [(name, saved[name], getattr(args, name)) for name in sorted(saved)
+               if name not in NOT_COMPARED and hasattr(args, name) and saved[name] != getattr(args, name)]
+    refused = [c for c in changed if c[0] in FIXED_ON_RESUME]
+    if refused:
+        fail("--resume: " + ", ".join(f"{flag(n)} {new} (was {old})" for n, old, new in refused)
+             + " would change which samples a step sees or what it computes; resume with the values the run "
+               "started with, or start a new run from the checkpoint's weights (--model CHECKPOINT --output-dir NEW)")
+    if changed:
+        say("resuming with changed flags: " + ", ".join(f"{flag(n)} {new} (was {old})" for n, old, new in changed))
 
 
 def load_data_and_model(args, resume_from, device, rank, world):
@@ -176,7 +253,7 @@ def load_data_and_model(args, resume_from, device, rank, world):
         fail(str(e))
     # A tiny GIT learns its tokenizer from the training captions; rank 0 writes it, then the others load it.
     captions = data.caption_texts(tables[0], args.text_column) if is_tiny(args.model) and not resume_from else []
-    with distributed.rank_zero_first(rank, world):
+    with distributed.first_then_others(rank == 0, world):
         try:
             model, processor = load_or_build_model(args, captions, resume_from, build=rank == 0)
         except ModelLoadError as e:
@@ -190,7 +267,7 @@ def load_data_and_model(args, resume_from, device, rank, world):
 def make_loaders(args, tables, processor, device, rank, world):
     """(train loader, eval loader, eval references, eval example images). Images are decoded,
     resized and cropped once and kept as uint8 at the model's resolution, in the cache (memory-mapped)
-    unless --no-cache; rank 0 fills the cache, the others read it."""
+    unless --no-cache; each node's first rank fills the cache, the others read it."""
     import numpy as np
     from PIL import Image
 
@@ -202,11 +279,17 @@ def make_loaders(args, tables, processor, device, rank, world):
     cache_dir = None if args.no_cache else os.path.expanduser(args.cache_dir)
     skipped = [] if args.on_bad_sample == "skip" else None
     prepared = []
-    with distributed.rank_zero_first(rank, world):
+    draft = None if args.exact_preprocessing else data.draft_size(processor.image_processor)
+    # Without a cache every rank decodes for itself: the node's cores are shared among its ranks.
+    workers = args.preprocessing_num_workers if cache_dir else \
+        max(1, args.preprocessing_num_workers // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    # Each node's first process fills the cache (nodes need not share a disk); the others then read it.
+    with distributed.first_then_others(int(os.environ.get("LOCAL_RANK", rank)) == 0, world):
         for table, what in zip(tables, ("train", "eval")):
             try:
                 prepared.append(batches.prepare_split(table, args.image_column, args.text_column, what,
-                                                      processor.image_processor, skipped, cache_dir))
+                                                      processor.image_processor, skipped, cache_dir, draft=draft,
+                                                      num_workers=workers, notify=say))
             except data.DataError as e:
                 fail(str(e))
             except OSError as e:
@@ -268,7 +351,7 @@ def make_optimizer(args, model, max_steps, device, use_scaler):
     return optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=use_scaler)
 
 
-def restore(resume_from, args, optimizer, scheduler, scaler, rank, world):
+def restore(resume_from, args, optimizer, scheduler, scaler, rank, world, samples_per_epoch):
     """The TrainState to start from: a fresh one, or the checkpoint's, with the optimizer,
     schedule, scaler and this rank's RNG streams put back as they were."""
     import checkpoint
@@ -282,8 +365,14 @@ def restore(resume_from, args, optimizer, scheduler, scaler, rank, world):
     rngs = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]  # one per rank
     # A different number of ranks than before: every rank continues from rank 0's streams.
     checkpoint.set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
+    if len(rngs) != world:
+        say(f"resuming with {world} processes instead of {len(rngs)}: the global batch is now "
+            f"{args.batch_size * args.grad_accum * world} (was {args.batch_size * args.grad_accum * len(rngs)})")
+    if "samples_done" not in saved:  # written before positions were kept in samples: batches per rank
+        saved["samples_done"] = saved["batches_done"] * args.batch_size * len(rngs)
     state = TrainState.from_state_dict(saved)
-    say(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch}, batch {state.batches_done})")
+    say(f"resumed from {resume_from} at step {state.step} "
+        f"(epoch {state.epoch}, sample {state.samples_done} of {samples_per_epoch})")
     return state
 
 

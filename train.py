@@ -74,6 +74,11 @@ def parse_args(argv=None, **defaults):
     a("--cache-dir", default=os.environ.get("GIT_CAPTION_CACHE", os.path.join("~", ".cache", "git-caption")),
       help="where images are kept decoded, resized and cropped after the first run (env GIT_CAPTION_CACHE)")
     a("--no-cache", action="store_true", help="preprocess the images in memory each run, keep nothing on disk")
+    a("--preprocessing-num-workers", type=cli.positive_int, default=cli.usable_cores(),
+      help="processes that decode and resize images into the cache (default: the usable cores)")
+    a("--exact-preprocessing", action="store_true",
+      help="decode JPEGs at full size before resizing, so pixels equal the image processor's own output "
+           "(slower; by default a large JPEG is decoded at 1/2, 1/4 or 1/8 size, see README: Data)")
     a("--max-text-length", type=cli.positive_int, default=64, help="captions are truncated to this many tokens")
     a("--gen-max-length", type=cli.positive_int, default=50, help="max_length for model.generate at evaluation")
     a("--metric-for-best", choices=tuple(LOWER_IS_BETTER) + ("bleu4", "rouge_l", "cider_d"), default="wer",
@@ -184,7 +189,8 @@ def train(run, state, meter):
             if stops:
                 stopped_by = stop.name or "a signal to another rank"
                 break
-            state.batches_done += len(micro)
+            samples = sum(len(b["index"]) for b in micro) * run.world
+            state.samples_done += samples
             loss, grad_norm, skipped = optimizer_step(run, micro, n_tokens)
             state.step += 1
             bar.update(1)
@@ -193,7 +199,7 @@ def train(run, state, meter):
             if bad_in_a_row >= args.max_bad_steps and not run.scaler.is_enabled():
                 fail(f"stopped at step {state.step}: the loss was not finite for {bad_in_a_row} steps in a row "
                      f"(--max-bad-steps); the last good checkpoint is left as it was")
-            add_to_window(state.window, loss, micro, run.world)
+            add_to_window(state.window, loss, samples)
             if due(state.step, args.logging_steps, run.max_steps):
                 log_window(run, state, meter, grad_norm, bar)
             if due(state.step, args.eval_steps, run.max_steps):
@@ -228,13 +234,12 @@ def step_batches(run, state):
 
     args = run.args
     while state.step < run.max_steps:
-        epoch = batches.epoch_batches(run.train_loader, state.epoch, start=state.batches_done * args.batch_size,
-                                      seed=args.seed)
+        epoch = batches.epoch_batches(run.train_loader, state.epoch, start=state.samples_done, seed=args.seed)
         while micro := list(itertools.islice(epoch, args.grad_accum)):
             yield micro
             if state.step >= run.max_steps:
                 return
-        state.epoch, state.batches_done = state.epoch + 1, 0
+        state.epoch, state.samples_done = state.epoch + 1, 0
 
 
 def optimizer_step(run, micro, n_tokens):
@@ -270,10 +275,10 @@ def optimizer_step(run, micro, n_tokens):
     return step_loss, grad_norm, skipped
 
 
-def add_to_window(window, loss, micro, world):
+def add_to_window(window, loss, samples):
     window["loss"] += loss
     window["steps"] += 1
-    window["samples"] += sum(len(b["index"]) for b in micro) * world
+    window["samples"] += samples
 
 
 def log_window(run, state, meter, grad_norm, bar):
@@ -286,7 +291,7 @@ def log_window(run, state, meter, grad_norm, bar):
     for name, value in (("loss", mean_loss), ("lr", lr), ("grad_norm", float(grad_norm)), ("samples_per_second", speed),
                         ("data_wait_share", wait_share), ("skipped_steps", state.skipped_steps)):
         run.writer.add_scalar(f"train/{name}", value, state.step)
-    say(f"step {state.step}/{run.max_steps} | epoch {state.epoch + state.batches_done / run.batches_per_epoch:.2f} | "
+    say(f"step {state.step}/{run.max_steps} | epoch {state.epoch + state.samples_done / run.samples_per_epoch:.2f} | "
         f"loss {mean_loss:.4f} | lr {lr:.3e} | grad_norm {float(grad_norm):.3f} "
         f"| {speed:.1f} samples/s | data wait {100 * wait_share:.1f}%"
         + (f" | {state.skipped_steps} steps skipped (non-finite)" if state.skipped_steps else ""))
@@ -357,12 +362,12 @@ def save(run, state):
     run.writer.flush()  # the TensorBoard log on disk reaches at least as far as the checkpoint
     saved = {**state.state_dict(), "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
              "scaler": run.scaler.state_dict(), "rng": rngs}
-    summary = {"step": state.step, "epoch": state.epoch + state.batches_done / run.batches_per_epoch,
+    summary = {"step": state.step, "epoch": state.epoch + state.samples_done / run.samples_per_epoch,
                "best": state.best, "skipped_steps": state.skipped_steps, "history": state.history}
     path = os.path.join(args.output_dir, f"checkpoint-{state.step}")
     card = card_for(run, state, path, state.history[-1] if state.evaluated_now() else None)
     written(path, checkpoint.save_checkpoint, args.output_dir, state.step, run.model, run.processor, saved, summary,
-            card=card)
+            card=card, args_json=json.dumps(vars(args), indent=2))
     checkpoint.rotate_checkpoints(args.output_dir, args.save_total_limit, keep_steps=(state.best["step"], run.resume_step))
     say(f"saved {path}")
     if args.push_to_hub and args.hub_strategy == "every_save":
@@ -408,10 +413,10 @@ def main(argv=None):
         fail(f"--push-to-hub: {hub.push_problem()}")  # before hours of training, not after
     if not args.push_to_hub:
         hub.offline_unless_needed(*[n for n in (args.dataset, args.model) if n != "synthetic" and n not in TINY_PRESETS])
-    run, state = setup(args)
-    meter = Meter()
-    stopped_by = train(run, state, meter)
-    finish(run, state, meter, stopped_by)
+    with setup(args) as (run, state):
+        meter = Meter()
+        stopped_by = train(run, state, meter)
+        finish(run, state, meter, stopped_by)
     return state.best
 
 

@@ -1,8 +1,11 @@
+import argparse
 import csv
 import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import datasets
 import numpy as np
@@ -14,6 +17,7 @@ from transformers import AutoProcessor
 import batches
 import data
 import synthetic
+from conftest import ROOT
 
 
 def rows(source, test_size=0.1, seed=0):
@@ -74,6 +78,19 @@ def test_unreachable_hub_dataset_and_missing_folder_are_one_line_errors(tmp_path
         data.load_source(str(tmp_path / "nope") + "/")
     with pytest.raises(data.DataError, match="neither metadata"):
         data.load_source(str(tmp_path))
+
+
+def test_a_hub_dataset_that_is_reached_but_unreadable_is_one_line_with_the_reason(monkeypatch):
+    import pyarrow
+
+    def damaged(name):
+        raise pyarrow.lib.ArrowInvalid("JSON parse error: Missing a name for object member. in row 4\nmore detail")
+
+    monkeypatch.setattr(datasets, "load_dataset", damaged)
+    with pytest.raises(data.DataError) as e:
+        data.load_source("someone/captions")
+    assert str(e.value) == ("dataset 'someone/captions' (Hugging Face Hub) could not be loaded: ArrowInvalid: "
+                            "JSON parse error: Missing a name for object member. in row 4")
 
 
 def test_list_of_captions_draws_one_per_epoch_and_keeps_all_for_evaluation(tiny_model_dir):
@@ -153,7 +170,7 @@ def test_ranks_share_one_permutation_and_eval_shards_score_each_item_once():
         s.set_epoch(4)
     # The first global batch of 6 in one process is the union of each rank's first batch of 2.
     assert sorted(list(one)[:6]) == sorted(i for s in ranks for i in list(s)[:2])
-    ranks[1].set_epoch(4, start=2)
+    ranks[1].set_epoch(4, start=6)  # the samples all ranks took together: 2 each
     assert list(ranks[1]) == list(one)[7::3]
     shards = [list(batches.ShardSampler(10, 3, r)) for r in range(3)]
     assert sorted(i for s in shards for i in s) == list(range(10))
@@ -261,3 +278,242 @@ def test_prepared_splits_are_cached_and_reread_without_decoding(imagefolder, tmp
                                       [], None)
     assert len(decoded) == 10 and len(in_memory) == 9  # no cache: decoded every time (row 3 is the bad one)
     assert sorted(os.listdir(tmp_path / "cache"))[0].startswith("train-") and len(os.listdir(tmp_path / "cache")) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad data named in one line: metadata lines, damaged save_to_disk folders, captions without words, small splits
+
+def scenes(folder, n=6, seed=5):
+    data.write_imagefolder(synthetic.dataset(n, seed=seed), str(folder))
+    return folder
+
+
+def load_error(folder):
+    with pytest.raises(data.DataError) as e:
+        data.load_source(str(folder))
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("line, problem", [
+    # the closing brace lost: pyarrow said "JSON parse error: ... in row 3"
+    ('{"file_name": "000003.png", "text": "a red circle"', "not valid JSON (Expecting ',' delimiter: column 51)"),
+    ('{"text": "a red circle"}', "no 'file_name' naming the image"),
+    ('{"file_name": null, "text": "a red circle"}', "no 'file_name' naming the image"),
+    ('{"file_name": "000003.png", "text": 7}', "'text' is a number here but a string on line 1"),
+    ('["000003.png", "a red circle"]', "not a JSON object ({...}) but a list of strings"),
+    ('{"file_name": "../000003.png", "text": "x"}', "file_name '../000003.png' must be a path inside"),
+], ids=["not JSON", "no file_name", "null file_name", "caption type", "not an object", "outside the folder"])
+def test_a_bad_metadata_jsonl_line_is_named_by_its_number(tmp_path, line, problem):
+    folder = scenes(tmp_path / "scenes")
+    lines = (folder / "metadata.jsonl").read_text().splitlines()
+    lines[3] = line
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    assert load_error(folder).startswith(f"{folder}/metadata.jsonl line 4: {problem}")
+
+
+def test_metadata_jsonl_that_is_not_utf8_or_empty_is_named(tmp_path):
+    folder = scenes(tmp_path / "scenes")
+    lines = (folder / "metadata.jsonl").read_bytes().splitlines()
+    lines[4] = b'{"file_name": "000004.png", "text": "caf\xe9"}'  # Latin-1
+    (folder / "metadata.jsonl").write_bytes(b"\n".join(lines[:2] + [b""] + lines[2:]) + b"\n")  # a blank line counts
+    assert load_error(folder) == f"{folder}/metadata.jsonl line 6: not UTF-8 (byte 0xe9 at column 41); save it as UTF-8"
+    (folder / "metadata.jsonl").write_text("\n\n")
+    assert load_error(folder).startswith(f"{folder}/metadata.jsonl has no rows")
+
+
+def write_csv(folder, text):
+    os.remove(folder / "metadata.jsonl")
+    (folder / "metadata.csv").write_bytes(text if isinstance(text, bytes) else text.encode())
+
+
+CSV = "file_name,text\n" + "".join(f"{i:06d}.png,scene {i}\n" for i in range(6))
+
+
+@pytest.mark.parametrize("text, problem", [
+    (CSV.replace("scene 3", "a red, circle"), "line 5: 3 fields but the header (line 1) has 2"),
+    (CSV.replace(",scene 3", ""), "line 5: 1 field but the header (line 1) has 2"),
+    (CSV.replace("scene 3", '"a red circle'), "line 5: a quoted field opens here and is never closed"),
+    (CSV.replace("scene 3", '"a red" circle'), "line 5: bad quoting (',' expected after '\"')"),
+    (CSV.replace("000003.png", ""), "line 5: no 'file_name' naming the image"),
+    (CSV.encode().replace(b"scene 3", b"caf\xe9"), "line 5: not UTF-8 (byte 0xe9 at column 15)"),
+    # a quoted caption over two lines: the bad record after it is still named by its own line
+    (CSV.replace("scene 1", '"scene\none"').replace("scene 3", "a, b"), "line 6: 3 fields"),
+    (CSV.replace("file_name", "image"), "line 1: no file_name column in the header (columns: image, text)"),
+    ("file_name,text\n", "has no rows"),
+], ids=["too many fields", "too few fields", "unclosed quote", "bad quoting", "no file name", "latin-1",
+        "after a two-line record", "no file_name column", "header only"])
+def test_a_bad_metadata_csv_record_is_named_by_its_line(tmp_path, text, problem):
+    folder = scenes(tmp_path / "scenes")
+    write_csv(folder, text)
+    message = load_error(folder)
+    assert message.startswith(f"{folder}/metadata.csv {problem}"), message
+
+
+def test_a_missing_image_is_a_bad_row_named_by_its_metadata_line(tmp_path):
+    folder = scenes(tmp_path / "scenes")
+    os.remove(folder / "000002.png")
+    table = data.load_source(str(folder))["train"]
+    skipped = []
+    images, captions = data.read_rows(table, "image", "text", "train", skipped)
+    assert len(images) == 5 and len(skipped) == 1
+    assert skipped[0] == (f"train row 2 ({folder / '000002.png'}, named on {folder}/metadata.jsonl line 3): "
+                          f"no such file")
+    with pytest.raises(data.DataError, match=r"metadata.jsonl line 3\): no such file"):  # --on-bad-sample error
+        data.read_rows(table, "image", "text", "train")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    out = tmp_path_factory.mktemp("saved") / "dict"
+    datasets.DatasetDict({"train": synthetic.dataset(8, seed=0), "validation": synthetic.dataset(3, seed=9)}) \
+        .save_to_disk(str(out))
+    return out
+
+
+def truncate(path, size=None):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2 if size is None else size)
+
+
+ARROW = "data-00000-of-00001.arrow"
+DAMAGE = {
+    "truncated arrow": (lambda d: truncate(d / "train" / ARROW), f"train/{ARROW}: not a whole Arrow file (OSError: "),
+    "empty arrow": (lambda d: truncate(d / "train" / ARROW, 0), f"train/{ARROW}: not a whole Arrow file (ArrowInvalid"),
+    "arrow deleted": (lambda d: os.remove(d / "validation" / ARROW),
+                      f"validation/{ARROW} is missing (named in {{saved}}/validation/state.json)"),
+    "dataset_info.json garbled": (lambda d: (d / "train" / "dataset_info.json").write_text('{"features": {'),
+                                  "train/dataset_info.json: not valid JSON (Expecting property name enclosed in double "
+                                  "quotes: line 1 column 15); the save_to_disk folder is damaged"),
+    "state.json empty": (lambda d: (d / "train" / "state.json").write_text(""),
+                         "train/state.json: not valid JSON (Expecting value: line 1 column 1)"),
+    "state.json without its file list": (lambda d: (d / "train" / "state.json").write_text('{"_fingerprint": "x"}'),
+                                         'train/state.json: no "_data_files" list of file names'),
+    "state.json deleted": (lambda d: os.remove(d / "train" / "state.json"), "train/state.json is missing"),
+    "dataset_dict.json garbled": (lambda d: (d / "dataset_dict.json").write_text("splits: train"),
+                                  "dataset_dict.json: not valid JSON (Expecting value: line 1 column 1)"),
+    "split folder deleted": (lambda d: shutil.rmtree(d / "validation"), "validation/dataset_info.json is missing"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_save_to_disk_folder_is_one_line_naming_the_file(saved, tmp_path, damage):
+    folder = tmp_path / "saved"
+    shutil.copytree(saved, folder)
+    harm, problem = DAMAGE[damage]
+    harm(folder)
+    message = load_error(folder)
+    assert message.startswith(f"{folder}/{problem.format(saved=folder)}"), message
+
+
+def test_a_caption_without_words_is_a_bad_row_and_leaves_a_list_of_references(tmp_path):
+    drawn = synthetic.dataset(4, seed=6)
+    refs = [["..."], ["a cat", "¡¿", " "], ["!!!", ""], ["a dog."]]
+    table = datasets.Dataset.from_dict({"image": list(drawn["image"]), "text": refs})
+    skipped = []
+    images, captions = data.read_rows(table, "image", "text", "eval", skipped)
+    assert captions == [["a cat"], ["a dog."]] and len(images) == 2
+    assert [line.split(": ", 1)[1] for line in skipped] == [
+        "caption '...' in column 'text' has no words (only punctuation or symbols)",
+        "caption '!!!' in column 'text' has no words (only punctuation or symbols)"]
+    assert [line.split(" (")[0] for line in skipped] == ["eval row 0", "eval row 2"]
+    with pytest.raises(data.DataError, match=r"^eval row 0 .*'\.\.\.' in column 'text' has no words"):
+        data.read_rows(table, "image", "text", "eval")
+    assert data.caption_texts(table, "text") == ["a cat", "a dog."]  # what a tiny GIT learns its tokenizer from
+
+
+def test_too_few_rows_to_split_is_one_line_saying_what_is_needed():
+    with pytest.raises(data.DataError) as e:
+        data.split_source(synthetic.dataset(1, seed=0), 0.1, 0)
+    assert str(e.value) == ("1 row cannot be split into train and eval with --test-size 0.1 (0 to train on, 1 to "
+                            "evaluate): that needs at least 2 rows, or a source with its own validation split")
+    with pytest.raises(data.DataError, match=r"^5 rows .* --test-size 0.9 \(0 to train on, 5 to evaluate\): "
+                                             r"that needs at least 10 rows"):
+        data.split_source(synthetic.dataset(5, seed=0), 0.9, 0)
+    train, held_out = data.split_source(synthetic.dataset(10, seed=0), 0.9, 0)  # the 10 it asked for are enough
+    assert (len(train), len(held_out)) == (1, 9)
+    empty = datasets.DatasetDict({"train": synthetic.dataset(4, seed=0),
+                                  "validation": synthetic.dataset(3, seed=0).select([])})
+    with pytest.raises(data.DataError, match=r"^the dataset's 'validation' split has no rows$"):
+        data.split_source(empty, 0.1, 0)
+
+
+def test_imagefolder_with_split_folders_and_with_split_words_in_its_file_names(tmp_path):
+    scenes(tmp_path / "splits" / "train", n=6, seed=1)
+    scenes(tmp_path / "splits" / "validation", n=3, seed=2)
+    train, held_out = data.split_source(data.load_source(str(tmp_path / "splits")), 0.1, 0)
+    assert (len(train), len(held_out)) == (6, 3)
+    assert list(held_out["text"]) == list(synthetic.dataset(3, seed=2)["text"])
+    # COCO's names: `datasets` reads "train" in them as a split name and, left to itself, ignores the
+    # top-level metadata.jsonl, leaving a table of images without captions
+    folder = scenes(tmp_path / "coco", n=4, seed=3)
+    rows = [json.loads(line) for line in open(folder / "metadata.jsonl")]
+    for row in rows:
+        row["file_name"] = f"COCO_train2014_{row['file_name']}"
+        os.rename(folder / row["file_name"].removeprefix("COCO_train2014_"), folder / row["file_name"])
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = data.load_source(str(folder))["train"]
+    assert sorted(table.column_names) == ["image", "text"] and list(table["text"]) == [r["text"] for r in rows]
+
+
+def test_an_imagefolder_without_a_caption_column_is_one_line(tmp_path):
+    folder = scenes(tmp_path / "scenes")
+    rows = [json.loads(line) for line in open(folder / "metadata.jsonl")]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": r["file_name"]}) + "\n" for r in rows))
+    args = argparse.Namespace(dataset=str(folder), seed=0, synthetic_size=10, test_size=0.5, image_column="image",
+                              text_column="text")
+    no_text = r"^train split has no column 'text' \(--text-column\); columns are: image$"
+    with pytest.raises(data.DataError, match=no_text):
+        data.load_tables(args)
+
+
+def train_cli(tmp_path, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
+                          cwd=str(tmp_path), timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_train_stops_at_a_malformed_metadata_line_in_one_line(tmp_path, tiny_model_dir, kind):
+    folder = scenes(tmp_path / "scenes", n=12)
+    if kind == "jsonl":
+        lines = (folder / "metadata.jsonl").read_text().splitlines()
+        lines[3] = lines[3][:-1]  # the closing brace lost: pyarrow's "JSON parse error ... in row 3" before
+        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+        expected = f"error: {folder}/metadata.jsonl line 4: not valid JSON ("
+    else:
+        write_csv(folder, "file_name,text\n" + "".join(f"{i:06d}.png,scene {i}\n" for i in range(12)).replace(
+            "scene 3", "scene, three"))  # pandas: "Error tokenizing data. C error: Expected 2 fields in line 5, saw 3"
+        expected = f"error: {folder}/metadata.csv line 5: 3 fields but the header (line 1) has 2"
+    proc = train_cli(tmp_path, "--dataset", str(folder), "--model", tiny_model_dir, "--max-steps", "1",
+                     "--precision", "fp32", "--output-dir", str(tmp_path / "run"))
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith(expected), proc.stderr
+    assert not os.path.exists(tmp_path / "run" / "checkpoint-1")
+
+
+def test_a_held_out_caption_without_words_is_skipped_and_the_run_is_scored(tmp_path, tiny_model_dir, capsys):
+    import train
+
+    held_out = synthetic.dataset(4, seed=8)
+    texts = list(held_out["text"])
+    texts[1] = "..."  # before: "ValueError: row 1: empty reference caption" at the first evaluation
+    source = datasets.DatasetDict({"train": synthetic.dataset(16, seed=3),
+                                   "validation": held_out.remove_columns("text").add_column("text", texts)})
+    source.save_to_disk(str(tmp_path / "saved"))
+    argv = ["--dataset", str(tmp_path / "saved"), "--model", tiny_model_dir, "--max-steps", "2", "--eval-steps", "2",
+            "--batch-size", "8", "--grad-accum", "1", "--precision", "fp32", "--num-examples", "1"]
+    out = tmp_path / "run"
+    train.main([*argv, "--output-dir", str(out)])
+    listed = (out / "skipped.txt").read_text().splitlines()
+    assert len(listed) == 1 and listed[0].startswith("eval row 1 ") and "'...'" in listed[0] and "no words" in listed[0]
+    scores = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [s["step"] for s in scores] == [2]
+    assert all(np.isfinite(scores[0][k]) for k in ("wer", "cer", "bleu4", "rouge_l", "cider_d"))
+    assert (out / "best" / "config.json").exists()
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main([*argv, "--output-dir", str(tmp_path / "strict"), "--on-bad-sample", "error"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("error: eval row 1 ")

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import data
+import metrics
 import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,13 +32,14 @@ def summary(values, *percentiles):
 
 @pytest.fixture(scope="module")
 def bad_folder(tmp_path_factory):
-    """12 scenes; 000003.png is not an image, row 000005 has an empty caption, 000007 a blank one."""
+    """12 scenes; 000003.png is not an image, row 000005 has an empty caption, 000007 a blank one, 000009
+    one of punctuation only."""
     out = str(tmp_path_factory.mktemp("bad-imagefolder"))
     data.write_imagefolder(synthetic.dataset(12, seed=2), out)
     with open(os.path.join(out, "000003.png"), "wb") as f:
         f.write(b"this is not a PNG file")
     rows = [json.loads(line) for line in open(os.path.join(out, "metadata.jsonl"))]
-    rows[5]["text"], rows[7]["text"] = "", "   "
+    rows[5]["text"], rows[7]["text"], rows[9]["text"] = "", "   ", "¡¿...!"
     with open(os.path.join(out, "metadata.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     return out
@@ -130,17 +132,17 @@ def test_stats_warns_about_bad_rows_by_name_instead_of_failing(bad_folder):
     assert s["rows"]["train"] + s["rows"]["eval"] == 12
     w = s["warnings"]
     assert w["unreadable_image"]["count"] == 1 and "000003.png" in w["unreadable_image"]["first"][0]
-    assert w["empty_caption"]["count"] == 2
+    assert w["empty_caption"]["count"] == 3
     assert sorted(os.path.basename(n.split("(")[1].rstrip(")")) for n in w["empty_caption"]["first"]) == \
-        ["000005.png", "000007.png"]
+        ["000005.png", "000007.png", "000009.png"]
     assert s["captions_per_image"]["min"] == 0
-    good = [c for c in captions_of(bad_folder) if c.strip()]
+    good = [c for c in captions_of(bad_folder) if metrics.normalize(c)]
     assert s["caption_length"]["max"] == max(len(c.split()) for c in good)
     assert s["image_width"]["min"] == 128  # the 11 readable images
 
     text = run("stats", "--dataset", bad_folder)
     assert text.returncode == 0, text.stderr
-    assert "2 empty caption, 1 unreadable image" in text.stdout
+    assert "3 empty caption, 1 unreadable image" in text.stdout
     assert any("unreadable image" in line and "000003.png" in line for line in text.stdout.splitlines())
 
 
@@ -168,3 +170,43 @@ def test_bad_inputs_are_one_line_errors(args, named, imagefolder, tmp_path):
     assert named in r.stderr and "Traceback" not in r.stderr
     if "{missing}" in " ".join(args):
         assert missing in r.stderr
+
+
+def bad_sources(root):
+    """Folders that stopped `data.py` with a traceback before: {name: (folder, what the error must say)}."""
+    out = {}
+    folder = root / "bad-jsonl"
+    data.write_imagefolder(synthetic.dataset(6, seed=3), str(folder))
+    lines = (folder / "metadata.jsonl").read_text().splitlines()
+    lines[3] = lines[3].replace('"text": "', '"text": "a \\q ')  # an escape JSON does not have
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    out["jsonl"] = folder, f"{folder}/metadata.jsonl line 4: not valid JSON (Invalid \\escape: column "
+    folder = root / "bad-csv"
+    data.write_imagefolder(synthetic.dataset(6, seed=3), str(folder))
+    os.remove(folder / "metadata.jsonl")
+    (folder / "metadata.csv").write_text("file_name,text\n000000.png,a cat\n000001.png,\"a dog\n")
+    out["csv"] = folder, f"{folder}/metadata.csv line 3: a quoted field opens here and is never closed"
+    folder = root / "saved"
+    synthetic.dataset(6, seed=3).save_to_disk(str(folder))
+    arrow = next(f for f in os.listdir(folder) if f.endswith(".arrow"))
+    with open(folder / arrow, "r+b") as f:
+        f.truncate(os.path.getsize(folder / arrow) - 100)
+    out["saved"] = folder, f"{folder}/{arrow}: not a whole Arrow file"
+    folder = root / "one-row"
+    data.write_imagefolder(synthetic.dataset(1, seed=3), str(folder))
+    out["one row"] = folder, "1 row cannot be split into train and eval with --test-size 0.1"
+    return out
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory):
+    return bad_sources(tmp_path_factory.mktemp("broken"))
+
+
+@pytest.mark.parametrize("cmd", ["stats", "preview"])
+@pytest.mark.parametrize("source", ["jsonl", "csv", "saved", "one row"])
+def test_bad_sources_are_the_same_one_line_errors_as_in_training(broken, cmd, source, tmp_path):
+    folder, expected = broken[source]
+    r = run(cmd, "--dataset", str(folder), *(["--out", str(tmp_path / "x.png")] if cmd == "preview" else []))
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith(f"error: {expected}") and r.stderr.count("\n") == 1, r.stderr

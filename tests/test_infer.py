@@ -1,28 +1,39 @@
 import csv
+import fcntl
 import functools
 import http.server
 import io
 import json
 import os
+import pty
+import signal
 import subprocess
 import sys
 import struct
+import termios
 import threading
+import time
 import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
+import data
 import infer
 import synthetic
-from conftest import ROOT
+from conftest import ROOT, Child
+
+INFER = os.path.join(ROOT, "infer.py")
 
 
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), *args], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def cli(*args, cwd=None, merged=False):
+    """infer.py's exit status and output; merged: stderr into stdout, to see the order of all lines."""
+    return subprocess.run([sys.executable, INFER, *args], stdout=subprocess.PIPE, text=True, cwd=cwd,
+                          stderr=subprocess.STDOUT if merged else subprocess.PIPE,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -181,9 +192,281 @@ def test_flag_errors_answer_without_loading_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout.split() == ["2", "False"]
     assert proc.stderr.strip().endswith("--num-captions above 1 needs --do-sample, or --num-beams at least as large")
+    os.makedirs(tmp_path / "folder.jsonl")
     for args, needle in [(["x.png", "--model", "./nowhere"], "'./nowhere' does not exist"),
                          (["x.png", "--device", "cuda"], "no CUDA GPU"),
                          (["x.png", "--output", "out.txt"], ".jsonl or .csv"),
+                         (["x.png", "--resume"], "--resume needs --output"),
+                         (["x.png", "--output", "folder.jsonl"], "is a folder"),
+                         (["x.png", "--num-workers", "-1"], "--num-workers"),
                          (["x.png", "--top-p", "0"], "--top-p")]:
         proc = cli(*args, cwd=str(tmp_path))
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and needle in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming: workers read ahead, rows are printed and saved a batch at a time, --resume
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """40 JPEG scenes of 320x240, large enough for the tiny model's 64 px draft to apply."""
+    root = tmp_path_factory.mktemp("photos")
+    paths = []
+    for i in range(40):
+        paths.append(str(root / f"p{i:02d}.jpg"))
+        synthetic.scene(9, i)[0].resize((320, 240)).save(paths[-1], quality=90)
+    return paths
+
+
+class HeldServer:
+    """Serves a folder over HTTP; a request for /held/NAME is answered only after release(). An
+    input behind it holds a run at a known batch for as long as a test needs: no timing."""
+
+    def __init__(self, root):
+        self.released = threading.Event()
+        released = self.released
+
+        class Handler(QuietHandler):
+            def do_GET(self):
+                if self.path.startswith("/held/"):
+                    released.wait(120)  # bounded: a broken test must not hang the server thread forever
+                    self.path = self.path[len("/held"):]
+                super().do_GET()
+
+        self.server = QuietServer(("127.0.0.1", 0), functools.partial(Handler, directory=root))
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/held/"
+
+    def close(self):
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def held(photos):
+    server = HeldServer(os.path.dirname(photos[0]))
+    yield server
+    server.close()
+
+
+def wait_for_lines(path, n, timeout=120):
+    """Poll a file a child process writes (a file has no other way to say it changed) until it
+    holds n complete lines; AssertionError after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                if f.read().count(b"\n") >= n:
+                    return
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not reach {n} lines in {timeout} s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ext", ["jsonl", "csv"])
+def test_killed_run_resumed_gives_the_same_file_as_one_uninterrupted_run(photos, held, tiny_model_dir, tmp_path,
+                                                                          ext):
+    # Input 22 waits on the server, so the run writes batches 0-4 (inputs 0-19) and can go no further.
+    inputs = photos[:22] + [held.url + os.path.basename(photos[22])] + photos[23:]
+    args = ["--model", tiny_model_dir, "--precision", "fp32", "--batch-size", "4", "--num-workers", "2",
+            "--timeout", "120", *inputs]
+    header = 1 if ext == "csv" else 0
+    out = tmp_path / f"killed.{ext}"
+    partial = tmp_path / f"killed.{ext}.partial"
+    with Child([sys.executable, INFER, *args, "--output", str(out)]) as child:
+        wait_for_lines(partial, header + 20)
+        os.killpg(child.proc.pid, signal.SIGKILL)
+        assert child.proc.wait(60) == -signal.SIGKILL
+    assert not out.exists() and partial.read_bytes().count(b"\n") == header + 20
+    held.released.set()
+
+    resumed = cli(*args, "--output", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stderr.splitlines() == [f"resuming: 20 of 40 inputs already in {partial}"]
+    assert [line.split("\t")[0] for line in resumed.stdout.splitlines()] == inputs[20:]  # the rest, once each
+    whole = tmp_path / f"whole.{ext}"
+    proc = cli(*args, "--output", str(whole))
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == whole.read_bytes() and not partial.exists()
+    rows = whole.read_bytes().splitlines(keepends=True)
+    assert len(rows) == header + 40
+
+    # A kill in the middle of a write leaves part of a row at the end: it is dropped and redone.
+    cut = tmp_path / f"cut.{ext}"
+    (tmp_path / f"cut.{ext}.partial").write_bytes(b"".join(rows[:header + 13]) + rows[header + 13][:25])
+    again = cli(*args, "--output", str(cut), "--resume")
+    assert again.returncode == 0, again.stderr
+    assert [line.split("\t")[0] for line in again.stdout.splitlines()] == inputs[13:]
+    assert cut.read_bytes() == whole.read_bytes()
+
+
+@pytest.mark.slow
+def test_each_batch_is_saved_and_printed_before_the_next_is_captioned(photos, held, tiny_model_dir, tmp_path):
+    inputs = photos[:8] + [held.url + os.path.basename(photos[8])] + photos[9:12]
+    out = tmp_path / "streamed.jsonl"
+    partial = tmp_path / "streamed.jsonl.partial"
+    cmd = [sys.executable, INFER, "--model", tiny_model_dir, "--precision", "fp32", "--batch-size", "4",
+           "--num-workers", "2", "--timeout", "120", "--json", "--output", str(out)]
+    with Child(cmd + inputs) as child:
+        # Input 8 is held: the run cannot finish batch 2 until the test lets it.
+        printed = child.stdout.read(120, until=lambda line: json.loads(line)["image"] == inputs[7])
+        assert [json.loads(line)["image"] for line in printed] == inputs[:8]
+        assert partial.read_text().splitlines(keepends=True) == printed  # saved before it was printed
+        assert not out.exists()
+        # A second run on the same --output meanwhile is refused, and leaves the first run's file alone.
+        second = cli(*cmd[2:], photos[0])
+        assert second.returncode == 1 and second.stdout == ""
+        assert second.stderr.splitlines() == [f"error: --output {str(out)!r}: another infer.py is writing "
+                                              f"{str(partial)!r}"]
+        assert partial.read_text().splitlines(keepends=True) == printed
+        held.released.set()
+        rest = child.stdout.read(120)
+        assert child.proc.wait(60) == 0
+        assert child.stderr.read(10) == []  # no progress bar when stderr is not a terminal
+    rows = [json.loads(line) for line in printed + rest]
+    assert [r["image"] for r in rows] == inputs and all(r["caption"] for r in rows)
+    assert out.read_text().splitlines(keepends=True) == printed + rest and not partial.exists()
+
+
+def test_resume_appends_new_inputs_to_a_finished_file_and_a_stale_partial_is_started_over(pictures, tiny_model_dir,
+                                                                                         tmp_path):
+    root, _ = pictures
+    a, b, c = (str(root / name) for name in ("a.png", "b.jpg", "c.png"))
+    out = tmp_path / "out.csv"
+    flags = ["--model", tiny_model_dir, "--precision", "fp32", "--output", str(out)]
+    assert cli(*flags, a, b).returncode == 0
+    first = out.read_text()
+    more = cli(*flags, "--resume", a, b, c)
+    assert more.returncode == 0 and more.stderr == f"resuming: 2 of 3 inputs already in {out}.partial\n"
+    assert [line.split("\t")[0] for line in more.stdout.splitlines()] == [c]
+    assert out.read_text().startswith(first) and [r["image"] for r in csv.DictReader(open(out))] == [a, b, c]
+
+    (tmp_path / "out.csv.partial").write_text("image,caption,error\r\nleft,by a killed run,\r\n")
+    fresh = cli(*flags, a)
+    assert fresh.returncode == 0
+    assert fresh.stderr == f"note: {out}.partial from an earlier run is started over (--resume continues it)\n"
+    assert [r["image"] for r in csv.DictReader(open(out))] == [a]
+    assert not os.path.exists(f"{out}.partial")
+
+    nowhere = cli(*flags[:-1], str(tmp_path / "no" / "out.jsonl"), a)
+    assert nowhere.returncode == 1 and nowhere.stdout == ""
+    assert nowhere.stderr == f"error: --output {str(tmp_path / 'no' / 'out.jsonl')!r}: No such file or directory\n"
+
+
+class CountingReader(infer.Reader):
+    """infer's Reader that appends each index it is asked for to a file as it starts on it (the
+    workers are other processes: a file is what they share with the test)."""
+
+    def __init__(self, items, log, **kwargs):
+        super().__init__(items, **kwargs)
+        self.log = log
+
+    def __getitem__(self, i):
+        fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, f"{i}\n".encode())  # one small O_APPEND write: whole lines, never interleaved
+        finally:
+            os.close(fd)
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_workers_read_at_most_batch_x_prefetch_images_ahead(photos, tiny_model_dir, tmp_path, workers):
+    image_processor = AutoProcessor.from_pretrained(tiny_model_dir).image_processor
+    log, batch = str(tmp_path / "started.log"), 2
+    reader = CountingReader(photos[:30], log)
+    ahead = workers * infer.PREFETCH  # batches the workers may hold besides the one being captioned
+
+    def started():
+        return open(log).read().split() if os.path.exists(log) else []
+
+    seen = []
+    for k, (rows, pixels) in enumerate(infer.loader(reader, image_processor, batch, workers)):
+        seen += [row["image"] for row in rows]
+        assert pixels.shape == (batch, 3, 64, 64)
+        allowed = min(30, (k + 1 + ahead) * batch)
+        # The workers do read ahead, as far as they may (they run on while this test waits) ...
+        deadline = time.monotonic() + 60
+        while len(started()) < allowed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # ... and no further: nothing is asked of them until the next batch is taken.
+        assert len(started()) == allowed, (k, started())
+    assert seen == photos[:30] and sorted(map(int, started())) == list(range(30))
+
+
+def test_bad_inputs_in_order_spoil_nothing_and_num_workers_0_and_2_agree(pictures, trained_run, tmp_path):
+    root, bad = pictures
+    model = os.path.join(trained_run, "best")
+    files = [str(root / "a.png"), str(bad / "empty.png"), str(root / "b.jpg"),  # batch 3 x 3
+             str(root / "c.png"), str(bad / "missing.png"), str(root / "d.jpg"),
+             str(root / "sub" / "large.jpg"), str(bad / "text.png"), str(root / "e.png")]
+    good = [f for f in files if f.startswith(str(root))]
+    alone = dict(zip(good, infer.caption(good, model=model, precision="fp32", batch_size=1)))
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}.jsonl"
+        proc = cli("--model", model, "--precision", "fp32", "--batch-size", "3", "--num-workers", str(workers),
+                   "--output", str(out), *files, merged=True)
+        assert proc.returncode == 1
+        runs[workers] = proc.stdout, out.read_bytes()
+    assert runs[0] == runs[2]
+    lines = runs[0][0].splitlines()
+    assert len(lines) == len(files) and "Traceback" not in runs[0][0]
+    for f, line in zip(files, lines):  # stdout and stderr lines, in input order
+        assert line == (f"{f}\t{alone[f]}" if f in alone else line) and (f in alone or line.startswith(f"error: {f}: "))
+    rows = [json.loads(line) for line in runs[0][1].decode().splitlines()]
+    assert [r["image"] for r in rows] == files
+    assert [r["error"] is None for r in rows] == [f in alone for f in files]
+
+
+def test_exact_preprocessing_gives_the_processors_own_pixels_and_the_default_drafts(tiny_model_dir, tmp_path):
+    path = str(tmp_path / "large.jpg")
+    synthetic.scene(4, 1)[0].resize((2048, 1536), Image.BILINEAR).save(path, quality=92)
+    image_processor = AutoProcessor.from_pretrained(tiny_model_dir).image_processor
+    own = image_processor(images=[data.open_image(path)], return_tensors="pt")["pixel_values"]
+    collate = infer.Collate(image_processor)
+    pixels = {}
+    for exact in (True, False):
+        row, image = infer.reader_for([path], image_processor, exact=exact)[0]
+        assert row["error"] is None
+        pixels[exact] = torch.from_numpy(collate([(row, image)])[1])
+        # The JPEG decoder scales by 1/8 at most, and never below the processor's 64 px.
+        assert image.size == ((2048, 1536) if exact else (256, 192))
+    assert torch.equal(pixels[True], own)
+    assert not torch.equal(pixels[False], own)
+    assert (pixels[False] - own).abs().mean() < 0.02  # the same picture (pixels are normalised, ~[-2, 2])
+
+    # The command line's caption is generate's on those pixels (the model loaded as any HF user would).
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for exact, flags in ((True, ["--exact-preprocessing"]), (False, [])):
+        with torch.inference_mode():
+            ids = model.generate(pixel_values=pixels[exact], max_length=50)
+        expected = tokenizer.batch_decode(ids, skip_special_tokens=True)[0]
+        proc = cli("--model", tiny_model_dir, "--precision", "fp32", *flags, path)
+        assert proc.returncode == 0 and proc.stdout == f"{path}\t{expected}\n", proc.stderr
+
+
+def test_progress_bar_with_images_per_second_on_a_terminal(pictures, tiny_model_dir):
+    root, _ = pictures
+    files = [str(root / name) for name in ("a.png", "b.jpg", "c.png")]
+    parent, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    proc = subprocess.Popen([sys.executable, INFER, "--model", tiny_model_dir, "--precision", "fp32",
+                             "--batch-size", "2", *files], stdout=subprocess.PIPE, stderr=child, text=True)
+    os.close(child)
+    stdout, _ = proc.communicate(timeout=120)
+    terminal = b""
+    while True:
+        try:
+            chunk = os.read(parent, 4096)
+        except OSError:  # EIO: the child's side is closed and everything it wrote has been read
+            break
+        if not chunk:
+            break
+        terminal += chunk
+    os.close(parent)
+    assert proc.returncode == 0
+    assert [line.split("\t")[0] for line in stdout.splitlines()] == files
+    assert b"3/3" in terminal and b"img/s" in terminal

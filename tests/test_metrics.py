@@ -37,12 +37,24 @@ def test_several_references_use_the_closest():
     assert wer(["a red square"], refs) == pytest.approx(1 / 3)
 
 
-def test_empty_prediction_counts_all_deletions_and_empty_reference_is_an_error():
+def test_empty_prediction_counts_all_deletions():
     scores = caption_scores(["", "a b"], ["one two three", "a b"])
     assert scores["wer"] == pytest.approx(3 / 5)
     assert scores["cer"] == pytest.approx(len("one two three") / (len("one two three") + 3))
-    with pytest.raises(ValueError, match="row 1"):
-        caption_scores(["a", "b"], ["a", "  ...  "])
+
+
+def test_references_without_words_are_ignored_and_rows_left_without_any_are_not_scored():
+    unscored = []
+    scores = caption_scores(["a red circle", "b", "a blue square", "c"],
+                            ["a red circle", "  ...  ", ["a green square", "!!!", ""], ["¡¿", "?"]], unscored)
+    assert unscored == [1, 3]  # rows 1 and 3 have no reference left; their predictions count nowhere
+    scored_alone = caption_scores(["a red circle", "a blue square"], ["a red circle", ["a green square"]])
+    assert scores == pytest.approx(scored_alone)
+    assert scores["wer"] == pytest.approx(1 / 6)  # one substitution over 3 + 3 reference words
+    nothing = []
+    assert caption_scores(["a", "b"], ["...", "!!!"], nothing) == dict.fromkeys(
+        ["wer", "cer", "bleu4", "rouge_l", "cider_d"], 0.0)
+    assert nothing == [0, 1]
 
 
 def test_cer_counts_characters():
@@ -154,9 +166,13 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     p = write_jsonl(tmp_path / "p.jsonl", [{"image": "a.png", "caption": "x"}, {"image": "b.png", "caption": "y"}])
     r = write_jsonl(tmp_path / "r.jsonl", [{"image": "a.png", "caption": "x"}])
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"image": "a.png", "caption": "x"}, "{not json"])
+    # a reference without words is a mistake in the references file here, not a row to leave out
+    wordless = write_jsonl(tmp_path / "wordless.jsonl",
+                           [{"image": "a.png", "caption": "x"}, {"image": "b.png", "caption": "..."}])
     for args, needle in [((p, str(tmp_path / "missing.jsonl")), "missing.jsonl"),
                          ((bad, r), "bad.jsonl:2"),
-                         ((p, r), "'b.png'")]:
+                         ((p, r), "'b.png'"),
+                         ((p, wordless), "wordless.jsonl:2")]:
         out = run_cli("--predictions", args[0], "--references", args[1])
         assert out.returncode == 2 and out.stdout == ""
         assert len(out.stderr.splitlines()) == 1 and needle in out.stderr and "Traceback" not in out.stderr

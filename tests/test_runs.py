@@ -1,0 +1,182 @@
+"""One run per output folder, a full disk while a checkpoint is written, and a resume that knows
+what it resumes."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import batches
+import checkpoint
+import train
+from conftest import ROOT, Child
+
+# 60 scenes -> 54 train, 6 eval: batch 8 gives 7 micro-batches an epoch, so 12 steps cross one.
+RUN = ["--dataset", "synthetic", "--synthetic-size", "60", "--batch-size", "8", "--grad-accum", "1",
+       "--eval-batch-size", "8", "--learning-rate", "1e-3", "--precision", "fp32", "--logging-steps", "2",
+       "--num-examples", "1"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def train_cmd(out, model, *extra, pause_at=None):
+    args = [*RUN, "--model", model, "--output-dir", str(out), *extra]
+    if pause_at:
+        return [sys.executable, os.path.join(ROOT, "tests", "pause.py"), str(pause_at), "--", *args]
+    return [sys.executable, os.path.join(ROOT, "train.py"), *args]
+
+
+def digests(folder):
+    """sha256 of every file under folder, but the lock (it names its process) and TensorBoard's
+    event files (they hold wall-clock times)."""
+    found = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if name == checkpoint.LOCK_FILE or name.startswith("events.out.tfevents"):
+                continue
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return found
+
+
+def test_a_second_run_on_a_busy_output_folder_is_refused_and_touches_nothing(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    args = ["--max-steps", "8", "--eval-steps", "4", "--save-steps", "4"]
+    alone = subprocess.run(train_cmd(out, tiny_model_dir, *args), capture_output=True, text=True, env=ENV,
+                           timeout=600)
+    assert alone.returncode == 0, alone.stderr
+    expected = digests(out)
+    assert "checkpoint-8/model.safetensors" in expected and "best/model.safetensors" in expected
+    shutil.rmtree(out)
+
+    # The first run is held still inside step 6, after checkpoint-4 was written; then a second run
+    # (which would otherwise tidy, overwrite or resume) is started on the same folder.
+    with Child(train_cmd(out, tiny_model_dir, *args, pause_at=6), env=ENV, stdin=subprocess.PIPE) as first:
+        first.stdout.read(timeout=300, until=lambda line: line.strip() == "paused")
+        for extra in ([], ["--overwrite-output-dir"], ["--resume"]):
+            second = subprocess.run(train_cmd(out, tiny_model_dir, *args, *extra), capture_output=True, text=True,
+                                    env=ENV, timeout=300)
+            assert second.returncode == 2, second.stderr
+            lines = second.stderr.strip().splitlines()
+            assert len(lines) == 1 and str(out) in lines[0] and f"process {first.proc.pid}" in lines[0], lines
+            assert second.stdout == ""
+        first.proc.stdin.write("go\n")
+        first.proc.stdin.close()
+        first.stdout.read(timeout=300)
+        assert first.proc.wait(timeout=60) == 0
+    assert digests(out) == expected
+
+
+def test_the_lock_is_released_when_the_run_ends_even_by_an_error(tmp_path, tiny_model_dir):
+    with pytest.raises(SystemExit):  # a bad dataset stops the run after the lock was taken
+        train.main([*RUN, "--model", tiny_model_dir, "--output-dir", str(tmp_path), "--dataset", str(tmp_path / "no")])
+    checkpoint.lock_folder(str(tmp_path)).close()  # free again, in this very process
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A factory of tmpfs folders of a given size: a real filesystem that fills up."""
+    mounted = []
+
+    def make(name, megabytes):
+        path = tmp_path / name
+        path.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode})")
+        mounted.append(path)
+        return path
+
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def folder_megabytes(path):
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs) / 2 ** 20
+
+
+@pytest.mark.parametrize("room", ["weights", "optimizer"])
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_earlier_ones_load(tmp_path, tiny_model_dir,
+                                                                                small_disk, room):
+    # Measure one checkpoint on an ordinary disk, then size the small disk so that the second
+    # checkpoint runs out of room in its weights (safetensors) or in its optimizer state (torch.save).
+    args = ["--max-steps", "6", "--save-steps", "2", "--eval-steps", "100", "--save-total-limit", "0"]
+    probe = tmp_path / "probe"
+    train.main([*RUN, "--model", tiny_model_dir, "--output-dir", str(probe), "--max-steps", "2", "--save-steps", "2",
+                "--eval-steps", "100"])
+    one = folder_megabytes(probe / "checkpoint-2")
+    weights = os.path.getsize(probe / "checkpoint-2" / "model.safetensors") / 2 ** 20
+    others = folder_megabytes(probe) - one - folder_megabytes(probe / "best")
+    free_for_second = weights / 2 if room == "weights" else weights + 1
+    out = small_disk("disk", int(one + others + free_for_second + 1))
+
+    proc = subprocess.run(train_cmd(out, tiny_model_dir, *args), capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 2, proc.stderr
+    errors = proc.stderr.strip().splitlines()
+    assert len(errors) == 1 and "checkpoint-4" in errors[0] and "No space left on device" in errors[0], errors
+    assert "Traceback" not in proc.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert "checkpoint-2" in names and not any(n.startswith("checkpoint-4") for n in names), names
+    model = AutoModelForCausalLM.from_pretrained(out / "checkpoint-2")
+    assert model.num_parameters() > 0
+    state = torch.load(out / "checkpoint-2" / checkpoint.STATE_FILE, weights_only=True)
+    assert state["step"] == 2
+
+
+def test_resume_refuses_flags_that_change_the_data_or_the_step_and_accepts_the_others(tmp_path, tiny_model_dir,
+                                                                                        capsys):
+    args = [*RUN, "--model", tiny_model_dir, "--output-dir", str(tmp_path), "--eval-steps", "100",
+            "--save-steps", "4"]
+    train.main([*args, "--max-steps", "4"])
+    before = digests(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main([*args, "--max-steps", "8", "--resume", "--batch-size", "4", "--seed", "7"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--batch-size 4 (was 8)" in err[0] and "--seed 7 (was 42)" in err[0], err
+    assert "--max-steps" not in err[0]
+    assert digests(tmp_path) == before  # refused before anything was written
+
+    train.main([*args, "--max-steps", "8", "--resume", "--eval-steps", "2"])
+    said = [line for line in capsys.readouterr().out.splitlines() if "changed" in line]
+    assert len(said) == 1 and "--eval-steps 2 (was 100)" in said[0] and "--max-steps 8 (was 4)" in said[0], said
+    history = json.load(open(tmp_path / "checkpoint-8" / "trainer_state.json"))["history"]
+    assert [h["step"] for h in history] == [4, 6, 8]  # the new interval took effect (4 is the last step of run 1)
+
+
+def test_the_data_position_is_kept_in_samples_so_any_number_of_ranks_continues_it():
+    # 21 samples, 5 taken by one process; 1, 2 or 3 ranks then take the rest between them, none twice.
+    one = batches.EpochSampler(21, seed=3)
+    one.set_epoch(2)
+    order = list(one)
+    for world in (1, 2, 3):
+        rest = []
+        for rank in range(world):
+            sampler = batches.EpochSampler(21, seed=3, num_replicas=world, rank=rank)
+            sampler.set_epoch(2, start=5)
+            taken = list(sampler)
+            assert len(taken) == len(sampler)
+            rest += taken
+        padding = -21 % world  # DistributedSampler repeats the first samples so every rank gets as many
+        assert sorted(rest) == sorted(order[5:] + order[:padding])
+
+
+def test_resume_says_where_it_continues_in_samples(tmp_path, tiny_model_dir, capsys):
+    args = [*RUN, "--model", tiny_model_dir, "--output-dir", str(tmp_path), "--eval-steps", "100", "--save-steps", "3"]
+    train.main([*args, "--max-steps", "3"])
+    capsys.readouterr()
+    train.main([*args, "--max-steps", "4", "--resume"])
+    out = capsys.readouterr().out
+    assert f"resumed from {tmp_path / 'checkpoint-3'} at step 3 (epoch 0, sample 24 of 54)" in out
+    state = torch.load(tmp_path / "checkpoint-4" / checkpoint.STATE_FILE, weights_only=True)
+    assert state["samples_done"] == 32 and state["epoch"] == 0
+    assert load_file(str(tmp_path / "checkpoint-4" / "model.safetensors"))
