@@ -1,10 +1,10 @@
 """Turn a captioning source into tables of images and captions (batches.py makes the tensors).
 
 Sources (--dataset): a Hub dataset id, a local imagefolder (images + metadata.jsonl/csv), a folder
-written by Dataset.save_to_disk, or `synthetic`: drawn scenes with compositional captions,
-generated on the fly and deterministic by seed (synthetic.py). Every source becomes a `datasets`
-table with an image column and a caption column (a string, or a list of strings for several
-references).
+written by Dataset.save_to_disk, a COCO captions or Karpathy split file (.json, images under
+--image-root), or `synthetic`: drawn scenes with compositional captions, generated on the fly and
+deterministic by seed (synthetic.py). Every source becomes a `datasets` table with an image column
+and a caption column (a string, or a list of strings for several references).
 
 Images are decoded here (not by `datasets`) so that every mode becomes RGB the same way and a bad
 file is reported by name. An imagefolder's metadata.jsonl/csv is read line by line before `datasets`
@@ -14,6 +14,8 @@ reads it, so that a bad line is reported by its number instead of as a pyarrow o
     python data.py preview --dataset scenes/ --n 5 --out samples.png   # the guide's row of captioned images
     python data.py stats --dataset scenes/                # split sizes, caption lengths, image sizes, bad rows
 """
+import contextlib
+import gc
 import io
 import json
 import math
@@ -112,10 +114,19 @@ def write_imagefolder(ds, out_dir, image_column="image", text_column="text"):
 # ---------------------------------------------------------------------------------------------
 # Sources -> (train table, eval table)
 
-def load_source(name, seed=0, synthetic_size=1000):
-    """A DatasetDict or Dataset for --dataset. Raises DataError with a one-line reason."""
+def load_source(name, seed=0, synthetic_size=1000, image_root=None, columns=("image", "text")):
+    """A DatasetDict or Dataset for --dataset. Raises DataError with a one-line reason.
+
+    image_root: where a caption file's images are (default: the file's folder); only for caption files.
+    columns: the names a caption file's image and caption columns get (other sources have their own)."""
     import datasets
 
+    if is_caption_file(name):
+        if not os.path.isfile(name):
+            raise DataError(f"caption file {name!r} does not exist")
+        return load_caption_file(name, image_root, columns)
+    if image_root is not None:
+        raise DataError(f"--image-root is for a COCO or Karpathy caption file (.json); --dataset {name!r} is not one")
     if name == SYNTHETIC:
         return synthetic.dataset(synthetic_size, seed)
     if os.path.isdir(name):
@@ -129,7 +140,8 @@ def load_source(name, seed=0, synthetic_size=1000):
         raise DataError(f"dataset folder {name!r} has neither metadata.jsonl/metadata.csv (imagefolder) "
                         f"nor dataset_dict.json/state.json (save_to_disk)")
     if os.path.exists(name):
-        raise DataError(f"--dataset {name!r} is a file; give the folder that holds the images and metadata.jsonl/csv")
+        raise DataError(f"--dataset {name!r} is a file; give the folder that holds the images and metadata.jsonl/csv, "
+                        f"or a COCO or Karpathy caption file (.json)")
     if looks_like_path(name):
         raise DataError(f"dataset folder {name!r} does not exist")
     try:
@@ -199,6 +211,100 @@ def load_saved(name):
                         f"dataset folder {name!r} (save_to_disk) could not be loaded: {first_line(e)}") from None
 
 
+def is_caption_file(name):
+    return name.lower().endswith(".json") and not os.path.isdir(name)
+
+
+CAPTION_TABLE_VERSION = 1  # bump when the tables built from a caption file change for the same file
+
+
+def load_caption_file(path, image_root=None, columns=("image", "text")):
+    """A COCO captions file -> one table (it has no splits: the eval rows are cut from it by --test-size);
+    a Karpathy split file -> a DatasetDict of its own splits: train (its train and restval images), val and
+    test, those with images. Each row: an image path (image_root/file_name, or image_root/filepath/filename)
+    and its captions, as a list. The images are not opened here: a missing one is a bad row, as in an
+    imagefolder, named with the entry (`images[12]`) that names it."""
+    image_column, text_column = columns
+    if image_column == text_column:
+        raise DataError(f"--image-column and --text-column are both {image_column!r}: the table of a caption file "
+                        f"has an image column and a caption column")
+    if image_root is not None and not os.path.isdir(image_root):
+        raise DataError(f"--image-root {image_root!r} is not a folder")
+    root = os.path.abspath(os.path.dirname(path) if image_root is None else image_root)
+    with gc_paused():
+        return caption_tables(path, root, columns)
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """No cyclic garbage collection for a while. Parsing a caption file makes millions of objects and no cycles;
+    each collection the allocations set off walks all of them: with it, a 144 MB Karpathy file took 3.7 s to
+    load, without it 1.6 s."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
+
+
+def caption_tables(path, root, columns):
+    """load_caption_file's tables, the images under `root`."""
+    import datasets
+
+    kind, names, refs, splits = metadata.read_caption_file(path)
+    prefix = os.path.join(root, "")
+    paths = [prefix + name for name in names]
+    stamps = image_stamps(paths, path)
+    if splits is None:
+        return caption_table([kind], paths, refs, stamps, columns)
+    rows = {name: [i for i, s in enumerate(splits) if s == name] for name in ("train", "val", "test")}
+    if not rows["train"]:
+        raise DataError(f"{path}: no image has split \"train\" or \"restval\" (the images to train on); "
+                        f"splits found: {', '.join(sorted(set(splits)))}")
+    return datasets.DatasetDict({
+        name: caption_table([kind, name], [paths[i] for i in idx], [refs[i] for i in idx], [stamps[i] for i in idx],
+                            columns)
+        for name, idx in rows.items() if idx})
+
+
+def image_stamps(paths, shown):
+    """Each image file's modification time and size, or None when it is missing (noted for read_row's message).
+    They go into the tables' fingerprints, as an imagefolder's do: an image changed in place is decoded
+    again, not read from the cache."""
+    stamps = []
+    for i, path in enumerate(paths):
+        try:
+            st = os.stat(path)
+            stamps.append(f"{st.st_mtime_ns} {st.st_size}")
+        except OSError:
+            stamps.append(None)
+            metadata.missing_images[os.path.realpath(path)] = f"in {shown} images[{i}]"
+    return stamps
+
+
+def caption_table(identity, paths, refs, stamps, columns):
+    """A table of image paths (an undecoded Image column, as an imagefolder's) and lists of captions. Its
+    fingerprint, which names its cache entry, is a hash of everything in it and of the images' stamps."""
+    import hashlib
+
+    import datasets
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
+
+    digest = hashlib.sha256(json.dumps([CAPTION_TABLE_VERSION, *identity, len(paths)]).encode())
+    for part in ("\0".join(paths), "\0".join(map(str, stamps)), "\0".join(map("\x1f".join, refs))):
+        digest.update(part.encode("utf-8", "surrogatepass"))
+    image = pa.StructArray.from_arrays([pa.nulls(len(paths), pa.binary()), pa.array(paths, pa.string())],
+                                       names=["bytes", "path"])
+    table = pa.table({columns[0]: image, columns[1]: pa.array(refs, pa.list_(pa.string()))})
+    features = datasets.Features({columns[0]: datasets.Image(),
+                                  columns[1]: datasets.List(datasets.Value("string"))})
+    return datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=features),
+                            fingerprint=digest.hexdigest()[:16])
+
+
 def damaged_saved_folder(name):
     """The first damaged or missing file of a save_to_disk folder, as a one-line reason; None when all look whole."""
     import pyarrow as pa
@@ -246,18 +352,37 @@ def damaged_saved_folder(name):
     return None
 
 
-def split_source(source, test_size, seed):
-    """Use the source's own eval split when it has one, else split train as the recipe does."""
+def split_names(source, eval_split=None):
+    """(train split name, eval split name) of a source; the eval name is None when the eval rows are to be
+    cut from train. eval_split picks a split by name (Karpathy's test instead of val); by default the
+    source's own validation/valid/val/test split, in that order."""
     import datasets
 
-    if isinstance(source, datasets.DatasetDict):
-        eval_name = next((n for n in EVAL_SPLIT_NAMES if n in source), None)
-        train_name = "train" if "train" in source else next(iter(source))
-        if eval_name is not None and eval_name != train_name:
-            for name in (train_name, eval_name):
-                if len(source[name]) == 0:
-                    raise DataError(f"the dataset's {name!r} split has no rows")
-            return source[train_name], source[eval_name]
+    if not isinstance(source, datasets.DatasetDict):
+        if eval_split:
+            raise DataError(f"--eval-split {eval_split!r}: the dataset has no named splits (its eval rows are cut "
+                            f"from it by --test-size)")
+        return None, None
+    train_name = "train" if "train" in source else next(iter(source))
+    if eval_split:
+        if eval_split not in source or eval_split == train_name:
+            raise DataError(f"--eval-split {eval_split!r}: the dataset has no such split besides the one trained on "
+                            f"({train_name!r}); its splits are: {', '.join(source)}")
+        return train_name, eval_split
+    eval_name = next((n for n in EVAL_SPLIT_NAMES if n in source), None)
+    return train_name, eval_name if eval_name != train_name else None
+
+
+def split_source(source, test_size, seed, eval_split=None):
+    """Use the source's own eval split when it has one (or the one eval_split names), else split train as
+    the recipe does."""
+    train_name, eval_name = split_names(source, eval_split)
+    if eval_name is not None:
+        for name in (train_name, eval_name):
+            if len(source[name]) == 0:
+                raise DataError(f"the dataset's {name!r} split has no rows")
+        return source[train_name], source[eval_name]
+    if train_name is not None:
         source = source[train_name]
     n = len(source)
     held_out = math.ceil(test_size * n)  # as train_test_split counts it
@@ -274,12 +399,19 @@ def split_source(source, test_size, seed):
 
 def load_tables(args):
     """(train table, eval table) of args.dataset, images not yet decoded, the columns checked;
-    raises DataError. Takes train.py's flags (dataset, seed, synthetic_size, test_size, columns)."""
-    source = load_source(args.dataset, seed=args.seed, synthetic_size=args.synthetic_size)
-    train_table, eval_table = split_source(source, args.test_size, args.seed)
+    raises DataError. Takes train.py's flags (dataset, seed, synthetic_size, test_size, columns, and
+    image_root and eval_split when it has them)."""
+    train_table, eval_table = split_source(source_of(args), args.test_size, args.seed,
+                                           getattr(args, "eval_split", None))
     check_columns(train_table, args.image_column, args.text_column, "train")
     check_columns(eval_table, args.image_column, args.text_column, "eval")
     return train_table, eval_table
+
+
+def source_of(args):
+    """load_source for a command line's flags (train.py's, data.py's, metrics.py's)."""
+    return load_source(args.dataset, seed=args.seed, synthetic_size=args.synthetic_size,
+                       image_root=getattr(args, "image_root", None), columns=(args.image_column, args.text_column))
 
 
 def check_columns(ds, image_column, text_column, what):
@@ -319,6 +451,8 @@ def caption_refs(text):
 def no_caption(text, text_column):
     """Why a caption cell that caption_refs found no usable reference in is bad, in words."""
     refs = [text] if isinstance(text, str) else list(text or [])
+    if isinstance(text, (list, tuple)) and not refs:
+        return f"no caption: column {text_column!r} holds an empty list (in a COCO file: an image without annotations)"
     shown = next((t.strip() for t in refs if t.strip()), None)
     if shown is None:
         return f"empty caption in column {text_column!r}"
@@ -328,7 +462,7 @@ def no_caption(text, text_column):
 def image_label(label, source):
     """The label of an image cell, with the metadata line that names it when the file is missing."""
     named = metadata.missing_images.get(os.path.realpath(source)) if isinstance(source, str) and metadata.missing_images else None
-    return f"{label}, named on {named}" if named else label
+    return f"{label}, named {named}" if named else label
 
 
 def caption_texts(ds, text_column):
@@ -387,11 +521,11 @@ def cli_splits(args):
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
-    source = load_source(args.dataset, seed=args.seed, synthetic_size=args.synthetic_size)
-    own = isinstance(source, datasets.DatasetDict) and any(
-        n in source and n != ("train" if "train" in source else next(iter(source))) for n in EVAL_SPLIT_NAMES)
-    train_table, eval_table = split_source(source, args.test_size, args.seed)
-    how = "the source's own eval split" if own else f"split from train, test-size {args.test_size}, seed {args.seed}"
+    source = source_of(args)
+    train_table, eval_table = split_source(source, args.test_size, args.seed, args.eval_split)
+    _, own = split_names(source, args.eval_split)
+    how = f"the source's own {own!r} split" if own else \
+        f"split from train, test-size {args.test_size}, seed {args.seed}"
     return train_table, eval_table, how
 
 
@@ -543,9 +677,15 @@ def main(argv=None):
     for name, text in (("preview", "save one row of training images titled with their captions as a PNG"),
                        ("stats", "rows per split, captions per image, caption lengths, image sizes, bad rows")):
         c = sub.add_parser(name, help=text, description=text)
-        c.add_argument("--dataset", required=True, help="Hub dataset id, imagefolder folder, save_to_disk folder, or 'synthetic'")
+        c.add_argument("--dataset", required=True, help="Hub dataset id, imagefolder folder, save_to_disk folder, "
+                                                        "COCO or Karpathy caption file (.json), or 'synthetic'")
         c.add_argument("--image-column", default="image")
         c.add_argument("--text-column", default="text")
+        c.add_argument("--image-root", default=None,
+                       help="folder the image paths of a caption file are relative to (default: the file's folder)")
+        c.add_argument("--eval-split", default=None,
+                       help="the source's split to show as eval (e.g. test of a Karpathy file; default: its "
+                            "validation/valid/val/test split, else one cut from train)")
         c.add_argument("--seed", type=int, default=42, help="the split seed (as train.py --seed)")
         c.add_argument("--test-size", type=cli.fraction, default=0.1, help="held-out fraction (as train.py)")
         c.add_argument("--synthetic-size", type=cli.positive_int, default=1000, help="scenes in --dataset synthetic")
