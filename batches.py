@@ -493,12 +493,14 @@ def process_alive(pid):
 
 class CaptionDataset(torch.utils.data.Dataset):
     """Images (uint8, model resolution, possibly memory-mapped from the cache) with tokenised
-    captions. With several captions per image, training draws one per epoch, seeded by
-    (seed, epoch, index) so a resumed run draws the same ones."""
+    captions; an item is (pixels, a list of token id lists, index). With several captions per image,
+    training takes one drawn per epoch, seeded by (seed, epoch, index) so a resumed run draws the
+    same ones, or with all_captions every one of them; evaluation always takes the first."""
 
-    def __init__(self, pixels, token_ids, references, seed=0, normalise=None):
+    def __init__(self, pixels, token_ids, references, seed=0, normalise=None, all_captions=False):
         self.pixels, self.token_ids, self.references, self.seed = pixels, token_ids, references, seed
         self.mean, self.std = normalise if normalise else (torch.zeros(3, 1, 1), torch.ones(3, 1, 1))
+        self.all_captions = all_captions
         self.epoch = None  # None: always the first caption (evaluation)
 
     def set_epoch(self, epoch):
@@ -509,10 +511,13 @@ class CaptionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         choices = self.token_ids[i]
-        k = 0
-        if self.epoch is not None and len(choices) > 1:
-            k = int(np.random.default_rng([self.seed, self.epoch, i]).integers(len(choices)))
-        return torch.from_numpy(np.array(self.pixels[i])), choices[k], i
+        pixels = torch.from_numpy(np.array(self.pixels[i]))
+        if self.epoch is None:
+            return pixels, choices[:1], i
+        if self.all_captions:
+            return pixels, choices, i
+        k = int(np.random.default_rng([self.seed, self.epoch, i]).integers(len(choices))) if len(choices) > 1 else 0
+        return pixels, [choices[k]], i
 
 
 def tokenise(tokenizer, captions, max_text_length):
@@ -526,23 +531,29 @@ def tokenise(tokenizer, captions, max_text_length):
     return token_ids
 
 
-def build_dataset(images, captions, processor, max_text_length, seed=0):
+def build_dataset(images, captions, processor, max_text_length, seed=0, all_captions=False):
     """From decoded images (PIL) or from uint8 pixels made by prepare_split."""
     pixels = images if isinstance(images, np.ndarray) else to_pixels(processor.image_processor, images)
     return CaptionDataset(pixels, tokenise(processor.tokenizer, captions, max_text_length), captions, seed,
-                          normaliser(processor.image_processor))
+                          normaliser(processor.image_processor), all_captions)
 
 
 def collate(batch, pad_id=0, mean=0.0, std=1.0):
-    """Pad captions to the longest in the batch. Labels are the input ids with padding set to -100
-    so the loss ignores it (the recipe trains on 512-token padding). uint8 pixels become floats
-    scaled to [0, 1] and normalised, as the image processor would have."""
-    pixels, ids, index = zip(*batch)
-    length = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(ids), length), dtype=torch.long)
-    for row, x in enumerate(ids):
-        input_ids[row, :len(x)] = torch.tensor(x)
+    """B images and their captions -> one batch. Row j * B + i holds caption j of image i, because
+    GIT's forward repeats the B projected images over the caption rows (row r gets image r % B):
+    the image encoder runs once for all captions of an image. An image with fewer captions than
+    the most in its batch gets filler rows: padding only, no targets, so they add nothing to the
+    loss (they cost decoder compute like any row). Captions are padded to the longest in the batch;
+    labels are the input ids with padding set to -100 so the loss ignores it (the recipe trains on
+    512-token padding). uint8 pixels become floats scaled to [0, 1] and normalised, as the image
+    processor would have."""
+    pixels, captions, index = zip(*batch)
+    rows = [caps[j] if j < len(caps) else [] for j in range(max(map(len, captions))) for caps in captions]
+    length = max(len(x) for x in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for row, x in enumerate(rows):
+        input_ids[row, :len(x)] = torch.tensor(x, dtype=torch.long)
         attention_mask[row, :len(x)] = 1
     pixels = torch.stack(pixels)
     if pixels.dtype == torch.uint8:

@@ -4,13 +4,13 @@ import time
 
 
 class Meter:
-    """Wall time, time spent waiting for data, and samples, per logging window and over the run;
+    """Wall time, time spent waiting for data, images and captions, per logging window and over the run;
     evaluation and saving are left out. When waiting is a large share of a step the loader is the
     bottleneck (more --num-workers)."""
 
     def __init__(self):
         self.restart()
-        self.run_seconds, self.run_waited, self.run_samples, self.run_steps = 0.0, 0.0, 0, 0
+        self.run_seconds, self.run_waited, self.run_images, self.run_captions, self.run_steps = 0.0, 0.0, 0, 0, 0
 
     def restart(self):
         """Start a new window (after a logged line, once evaluation and saving are done)."""
@@ -29,18 +29,21 @@ class Meter:
                 self.waited += time.perf_counter() - t
             yield item
 
-    def close_window(self, samples, steps):
-        """(samples per second, share of the time spent waiting for data) of the window now ending."""
+    def close_window(self, images, captions, steps):
+        """(captions per second, images per second, share of the time spent waiting for data) of
+        the window now ending. Captions and images differ with --caption-sampling all."""
         seconds = time.time() - self.t0
         self.run_seconds, self.run_waited = self.run_seconds + seconds, self.run_waited + self.waited
-        self.run_samples, self.run_steps = self.run_samples + samples, self.run_steps + steps
-        return samples / seconds, min(self.waited / seconds, 1.0)
+        self.run_images, self.run_captions = self.run_images + images, self.run_captions + captions
+        self.run_steps += steps
+        return captions / seconds, images / seconds, min(self.waited / seconds, 1.0)
 
     def summary(self):
         """One line on the whole run's speed, or None before any window closed."""
         if not self.run_seconds:
             return None
-        return (f"training speed: {self.run_samples / self.run_seconds:.1f} samples/s, "
+        return (f"training speed: {self.run_captions / self.run_seconds:.1f} captions/s, "
+                f"{self.run_images / self.run_seconds:.1f} images/s, "
                 f"{self.run_seconds / self.run_steps:.3f} s per optimizer step, "
                 f"data wait {100 * self.run_waited / self.run_seconds:.1f}% (evaluation and saving excluded)")
 

@@ -40,11 +40,26 @@ def scene(seed, index, size=128):
     return img, " and ".join(phrases)
 
 
-def dataset(n, seed=0):
-    """The first n scenes of `seed` as a `datasets` table with an image and a text column."""
+def retellings(caption, k):
+    """k different captions of one scene, the first the scene's own: several references, like
+    the five COCO has for each image (for --caption-sampling all, its tests and benchmark)."""
+    parts = caption.split(" and ")
+    told = [caption, " and ".join(reversed(parts)) if len(parts) > 1 else "an image of " + caption,
+            "there is " + caption, "a picture of " + caption, "a drawing with " + caption]
+    told += [f"{caption} (version {i})" for i in range(len(told), k)]
+    return told[:k]
+
+
+def dataset(n, seed=0, captions_per_image=1):
+    """The first n scenes of `seed` as a `datasets` table with an image and a text column (a list
+    of captions when captions_per_image > 1)."""
     import datasets
 
     scenes = [scene(seed, i) for i in range(n)]
-    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
-    return datasets.Dataset.from_dict({"image": [s[0] for s in scenes], "text": [s[1] for s in scenes]},
-                                      features=features)
+    if captions_per_image == 1:
+        text, text_type = [s[1] for s in scenes], datasets.Value("string")
+    else:
+        text = [retellings(s[1], captions_per_image) for s in scenes]
+        text_type = datasets.Sequence(datasets.Value("string"))
+    features = datasets.Features({"image": datasets.Image(), "text": text_type})
+    return datasets.Dataset.from_dict({"image": [s[0] for s in scenes], "text": text}, features=features)

@@ -100,29 +100,29 @@ def test_list_of_captions_draws_one_per_epoch_and_keeps_all_for_evaluation(tiny_
     ds = batches.build_dataset(images, refs, processor, max_text_length=32, seed=5)
     decode = lambda ids: processor.tokenizer.decode(ids, skip_special_tokens=True)
     assert [[decode(ids) for ids in ds.token_ids[i]] for i in range(8)] == refs  # every reference tokenised
-    assert {decode(ds[i][1]) for i in range(8)} == {"a red circle"}  # evaluation: the first
+    assert {decode(ds[i][1][0]) for i in range(8)} == {"a red circle"}  # evaluation: the first
     ds.set_epoch(0)
-    epoch0 = [decode(ds[i][1]) for i in range(8)]
+    epoch0 = [decode(ds[i][1][0]) for i in range(8)]
     assert len(set(epoch0)) > 1  # a draw per image, not one per epoch
     # A resumed run builds its dataset afresh and may arrive at the epoch from another one.
     resumed = batches.build_dataset(images, refs, processor, max_text_length=32, seed=5)
     resumed.set_epoch(3)
     [resumed[i] for i in range(8)]
     resumed.set_epoch(0)
-    assert [decode(resumed[i][1]) for i in range(8)] == epoch0
+    assert [decode(resumed[i][1][0]) for i in range(8)] == epoch0
     reseeded = batches.build_dataset(images, refs, processor, max_text_length=32, seed=6)
     reseeded.set_epoch(0)
-    assert [decode(reseeded[i][1]) for i in range(8)] != epoch0  # the draw follows --seed
+    assert [decode(reseeded[i][1][0]) for i in range(8)] != epoch0  # the draw follows --seed
     drawn = set()
     for epoch in range(6):
         ds.set_epoch(epoch)
-        drawn |= {decode(ds[i][1]) for i in range(8)}
+        drawn |= {decode(ds[i][1][0]) for i in range(8)}
     assert drawn == set(refs[0])
 
 
 def test_collate_pads_to_the_longest_caption_and_masks_padding():
     pixels = torch.zeros(3, 4, 4)
-    batch = batches.collate([(pixels, [2, 7, 3], 0), (pixels, [2, 7, 8, 9, 3], 1)], pad_id=0)
+    batch = batches.collate([(pixels, [[2, 7, 3]], 0), (pixels, [[2, 7, 8, 9, 3]], 1)], pad_id=0)
     assert batch["input_ids"].tolist() == [[2, 7, 3, 0, 0], [2, 7, 8, 9, 3]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert batch["labels"].tolist() == [[2, 7, 3, -100, -100], [2, 7, 8, 9, 3]]
@@ -181,7 +181,7 @@ class WorkerSeed(torch.utils.data.Dataset):
         return 8
 
     def __getitem__(self, i):
-        return torch.zeros(1, 1, 1), [1], torch.initial_seed()  # (pixels, ids, index) for collate
+        return torch.zeros(1, 1, 1), [[1]], torch.initial_seed()  # (pixels, [ids of each caption], index) for collate
 
 
 def test_worker_seeds_depend_on_the_epoch_only_so_a_resume_gets_the_same_ones():
