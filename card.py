@@ -6,7 +6,12 @@ from hub import looks_like_path
 
 CARD_FLAGS = ("dataset", "model", "epochs", "max_steps", "learning_rate", "lr_schedule", "warmup_steps",
               "weight_decay", "batch_size", "grad_accum", "max_grad_norm", "precision", "max_text_length",
-              "gen_max_length", "seed")
+              "caption_sampling", "freeze_vision", "gradient_checkpointing", "gen_max_length", "eval_num_beams", "seed")
+
+
+def generate_options(args):
+    """The generation settings evaluation used, as model.generate's keyword arguments."""
+    return f"max_length={args.gen_max_length}, num_beams={getattr(args, 'eval_num_beams', 1)}"
 
 
 def model_card(where, args, step, scores, data_sizes, repo_id=None):
@@ -42,7 +47,7 @@ def model_card(where, args, step, scores, data_sizes, repo_id=None):
              f"{data_sizes['train']} training images, {data_sizes['eval']} held out.", ""]
     if scores:
         lines += ["## Evaluation", "",
-                  f"Captions written by `model.generate(max_length={args.gen_max_length})` on the held-out "
+                  f"Captions written by `model.generate({generate_options(args)})` on the held-out "
                   f"images, scored against their reference captions (lower-cased, punctuation removed), "
                   f"at optimizer step {step}:", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {k} | {v:.4f} |" for k, v in scores.items() if isinstance(v, float)]
@@ -53,7 +58,7 @@ def model_card(where, args, step, scores, data_sizes, repo_id=None):
               f"processor = AutoProcessor.from_pretrained({name!r})",
               'image = Image.open("image.png").convert("RGB")',
               'pixel_values = processor(images=image, return_tensors="pt").pixel_values',
-              f"ids = model.generate(pixel_values=pixel_values, max_length={args.gen_max_length})",
+              f"ids = model.generate(pixel_values=pixel_values, {generate_options(args)})",
               "print(processor.batch_decode(ids, skip_special_tokens=True)[0])", "```", "",
               "## Training arguments", "", "```json",
               json.dumps({k: getattr(args, k) for k in CARD_FLAGS if hasattr(args, k)}, indent=2), "```", ""]

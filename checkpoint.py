@@ -3,7 +3,7 @@
     OUT/checkpoint-STEP/   model + processor (save_pretrained, safetensors),
                            training_state.pt (optimizer, scheduler, scaler, RNG, position in the data),
                            trainer_state.json (step, epoch, metrics: for people, not for resume)
-    OUT/best/              model + processor of the best evaluation so far
+    OUT/best/              model + processor of the best evaluation so far, training_args.json (the run's flags)
 
 Every folder is written under a temporary name and renamed into place when complete, so a crash
 mid-write never leaves a folder that looks finished. training_state.pt holds only tensors and plain
@@ -89,11 +89,15 @@ def disk_full(path, margin=1 << 20):
         return False
 
 
-def save_model(out_dir, model, processor, card=None):
+def save_model(out_dir, model, processor, card=None, args_json=None):
+    """A model folder (best/); args_json, the run's flags, lets metrics.py score it as the run did."""
     def write(d):
         model.save_pretrained(d)
         processor.save_pretrained(d)
         write_card(d, card)
+        if args_json is not None:
+            with open(os.path.join(d, "training_args.json"), "w") as f:
+                f.write(args_json)
 
     write_atomically(out_dir, write)
 

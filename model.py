@@ -103,6 +103,21 @@ def load_or_build_model(args, captions, resume_from=None, build=True):
     return load_model(args.model, trust_remote_code=args.trust_remote_code)
 
 
+def set_up_for_training(model, freeze_vision=False, gradient_checkpointing=False):
+    """--freeze-vision: the image encoder's parameters ask for no gradient, so autograd records
+    nothing inside it (it runs as under no_grad: no activations kept for backward, no gradients)
+    and the optimizer, given only trainable parameters, holds no state for it and never changes
+    it. The visual projection and the text decoder still train. The CLIP vision tower has no
+    dropout, so it computes the same in train and eval mode.
+    --gradient-checkpointing: every layer of both towers keeps only its input for backward and
+    recomputes the rest there (non-reentrant checkpointing, which restores the RNG for dropout,
+    so a step computes the same loss)."""
+    if freeze_vision:
+        model.git.image_encoder.requires_grad_(False)
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def load_model(name, dtype=None, trust_remote_code=False):
     """AutoModelForCausalLM + AutoProcessor from a Hub id or a local folder; one-line errors.
     Code shipped with a model (auto_map in its config) runs only with trust_remote_code=True."""

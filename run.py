@@ -18,7 +18,7 @@ from cli import fail, say
 
 
 def empty_window():
-    return {"loss": 0.0, "steps": 0, "samples": 0}
+    return {"loss": 0.0, "steps": 0, "samples": 0, "captions": 0}
 
 
 @dataclasses.dataclass
@@ -45,6 +45,7 @@ class TrainState:
 
     @classmethod
     def from_state_dict(cls, state):
+        state = {**state, "window": {**empty_window(), **state.get("window", {})}}  # older checkpoints lack keys
         return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls) if f.name in state})
 
     def evaluated_now(self):
@@ -125,9 +126,9 @@ def build(args, device, rank, world):
     train_loader, eval_loader, eval_captions, eval_images = make_loaders(args, tables, processor, device, rank, world)
     steps_per_epoch = math.ceil(math.ceil(train_loader.sampler.num_samples / args.batch_size) / args.grad_accum)
     max_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
-    say(f"train {len(train_loader.dataset)} images, eval {len(eval_loader.dataset)} | "
-        f"{steps_per_epoch} steps/epoch, {max_steps} steps | "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | {device} "
+    say(f"train {len(train_loader.dataset)} images{caption_count(train_loader.dataset, args)}, "
+        f"eval {len(eval_loader.dataset)} | {steps_per_epoch} steps/epoch, {max_steps} steps | "
+        f"{parameter_count(model)} | {device} "
         f"{'fp32' if amp_dtype is None else str(amp_dtype).split('.')[-1]}"
         + (f" | {world} processes, global batch {args.batch_size * args.grad_accum * world}" if world > 1 else ""))
     optimizer, scheduler, scaler = make_optimizer(args, model, max_steps, device, use_scaler)
@@ -140,6 +141,19 @@ def build(args, device, rank, world):
               writer=open_writer(args, rank, state.step if resume_from else None),
               resume_step=state.step if resume_from else None)
     return run, state
+
+
+def caption_count(dataset, args):
+    captions = sum(map(len, dataset.token_ids))
+    if captions == len(dataset):
+        return ""
+    return f" with {captions} captions ({'all' if args.caption_sampling == 'all' else 'one drawn'} per image an epoch)"
+
+
+def parameter_count(model):
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{total / 1e6:.1f}M params" + (f", {trained / 1e6:.1f}M trained" if trained < total else "")
 
 
 def quiet_libraries():
@@ -205,10 +219,10 @@ def prepare_output_dir(args, rank, world):
 # Flags that decide which samples a step sees, or what a step computes. Resuming with another
 # value would quietly make a run that is neither the old one nor a new one, so it is refused;
 # every other flag may change (intervals, limits, workers, devices) and is said once.
-FIXED_ON_RESUME = ("dataset", "image_column", "text_column", "test_size", "synthetic_size", "on_bad_sample",
-                   "exact_preprocessing", "model", "max_text_length", "batch_size", "grad_accum", "seed",
-                   "learning_rate", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm",
-                   "metric_for_best")
+FIXED_ON_RESUME = ("dataset", "image_root", "image_column", "text_column", "test_size", "synthetic_size",
+                   "on_bad_sample", "caption_sampling", "exact_preprocessing", "model", "freeze_vision",
+                   "max_text_length", "batch_size", "grad_accum", "seed", "learning_rate", "lr_schedule",
+                   "warmup_steps", "weight_decay", "max_grad_norm", "metric_for_best")
 NOT_COMPARED = ("resume", "overwrite_output_dir", "output_dir", "hub_model_id")
 
 
@@ -244,7 +258,7 @@ def load_data_and_model(args, resume_from, device, rank, world):
     import torch
 
     import data
-    from model import ModelLoadError, is_tiny, load_or_build_model
+    from model import ModelLoadError, is_tiny, load_or_build_model, set_up_for_training
 
     say(f"loading dataset {args.dataset!r}")
     try:
@@ -261,6 +275,7 @@ def load_data_and_model(args, resume_from, device, rank, world):
     # Channels-last for the ViT's patch convolution: a git-base-sized step took 4.6 s instead of
     # 5.0-5.3 s on this CPU (README: Speed). Only 4-D weights change layout.
     model.to(device, memory_format=torch.channels_last)
+    set_up_for_training(model, args.freeze_vision, args.gradient_checkpointing)
     return model, processor, tables
 
 
@@ -303,16 +318,25 @@ def make_loaders(args, tables, processor, device, rank, world):
         if not captions:
             fail(f"no usable {what} rows left in {args.dataset!r} after skipping bad ones")
     (train_pixels, train_captions), (eval_pixels, eval_captions) = prepared
-    train_set = batches.build_dataset(train_pixels, train_captions, processor, args.max_text_length, args.seed)
-    eval_set = batches.build_dataset(eval_pixels, eval_captions, processor, args.max_text_length, args.seed)
+    train_set = batches.build_dataset(train_pixels, train_captions, processor, args.max_text_length, args.seed,
+                                      all_captions=args.caption_sampling == "all")
     pad_id, pin = processor.tokenizer.pad_token_id, device.type == "cuda"
     train_loader = batches.make_loader(train_set, args.batch_size, batches.EpochSampler(
         len(train_set), seed=args.seed, num_replicas=world, rank=rank), pad_id, args.num_workers, pin)
-    eval_loader = batches.make_loader(eval_set, args.eval_batch_size, batches.ShardSampler(len(eval_set), world, rank),
-                                      pad_id, args.num_workers, pin)
+    eval_loader = make_eval_loader(args, eval_pixels, eval_captions, processor, device, rank, world)
     eval_images = [Image.fromarray(np.asarray(eval_pixels[k]).transpose(1, 2, 0))
                    for k in range(min(args.num_examples, len(eval_captions)))]
     return train_loader, eval_loader, eval_captions, eval_images
+
+
+def make_eval_loader(args, pixels, captions, processor, device, rank=0, world=1):
+    """The evaluation loader, here and in metrics.py --model: each image once across ranks, in order, with
+    its first reference as the loss target, batched by --eval-batch-size."""
+    import batches
+
+    eval_set = batches.build_dataset(pixels, captions, processor, args.max_text_length, args.seed)
+    return batches.make_loader(eval_set, args.eval_batch_size, batches.ShardSampler(len(eval_set), world, rank),
+                               processor.tokenizer.pad_token_id, args.num_workers, device.type == "cuda")
 
 
 def wrap_for_training(model, args, device, world):
@@ -342,8 +366,9 @@ def make_optimizer(args, model, max_steps, device, use_scaler):
     """(AdamW, learning-rate schedule, GradScaler)."""
     import torch
 
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]  # biases and LayerNorms
+    trainable = [p for p in model.parameters() if p.requires_grad]  # --freeze-vision leaves the image encoder out
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]  # biases and LayerNorms
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate,
                                   fused=True)  # one kernel over all tensors: 0.06 s vs 0.48 s a step at git-base size on CPU

@@ -37,9 +37,12 @@ def parse_args(argv=None, **defaults):
     p = cli.Parser(description=__doc__)
     a = p.add_argument
     a("--dataset", default="reach-vb/pokemon-blip-captions",
-      help="Hub dataset id, imagefolder folder, save_to_disk folder, or 'synthetic'")
+      help="Hub dataset id, imagefolder folder, save_to_disk folder, COCO or Karpathy caption file (.json), "
+           "or 'synthetic'")
     a("--image-column", default="image")
     a("--text-column", default="text", help="a string, or a list of strings (several references)")
+    a("--image-root", default=None,
+      help="folder the image paths of a COCO or Karpathy caption file are relative to (default: the file's folder)")
     a("--test-size", type=cli.fraction, default=0.1, help="held-out fraction when the source has no eval split")
     a("--synthetic-size", type=cli.positive_int, default=1000, help="scenes in --dataset synthetic")
     a("--model", default="microsoft/git-base",
@@ -48,6 +51,13 @@ def parse_args(argv=None, **defaults):
     a("--output-dir", default="git-base-pokemon")
     a("--overwrite-output-dir", action="store_true", help="delete an earlier run's checkpoints in --output-dir")
     a("--epochs", "--num-train-epochs", dest="epochs", type=cli.positive_float, default=50)
+    a("--caption-sampling", choices=("one", "all"), default="one",
+      help="images with several captions: one drawn per epoch, or all of them, each micro-batch running its "
+           "images through the image encoder once for all their captions (see README: Several captions an image)")
+    a("--freeze-vision", action="store_true",
+      help="train the visual projection and the text decoder only; the image encoder keeps its weights")
+    a("--gradient-checkpointing", action="store_true",
+      help="recompute each layer's activations in backward instead of keeping them: less memory, more time")
     a("--max-steps", type=cli.positive_int, default=None, help="optimizer steps; overrides --epochs")
     a("--learning-rate", type=cli.positive_float, default=5e-5)
     a("--batch-size", "--per-device-train-batch-size", dest="batch_size", type=cli.positive_int, default=32)
@@ -81,6 +91,8 @@ def parse_args(argv=None, **defaults):
            "(slower; by default a large JPEG is decoded at 1/2, 1/4 or 1/8 size, see README: Data)")
     a("--max-text-length", type=cli.positive_int, default=64, help="captions are truncated to this many tokens")
     a("--gen-max-length", type=cli.positive_int, default=50, help="max_length for model.generate at evaluation")
+    a("--eval-num-beams", type=cli.positive_int, default=1,
+      help="beams for model.generate at evaluation (1: greedy); metrics.py --model takes the same by default")
     a("--metric-for-best", choices=tuple(LOWER_IS_BETTER) + ("bleu4", "rouge_l", "cider_d"), default="wer",
       help="the evaluation score that picks best/ (and the checkpoint always kept)")
     a("--num-examples", type=cli.non_negative_int, default=3, help="example captions printed and logged per evaluation")
@@ -138,6 +150,11 @@ def num_targets(batch):
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
+def num_captions(batch):
+    """Caption rows with something to predict (--caption-sampling all adds filler rows without)."""
+    return int((batch["labels"][:, 1:] != -100).any(dim=1).sum())
+
+
 def to_device(batch, device):
     import torch
 
@@ -146,7 +163,7 @@ def to_device(batch, device):
             else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def evaluate(model, processor, loader, device, amp_dtype, gen_max_length, world=1):
+def evaluate(model, processor, loader, device, amp_dtype, gen_max_length, world=1, num_beams=1):
     """Teacher-forced loss over the eval split (first reference) and the captions generate() writes.
     Under torchrun each rank scores its shard and the results are gathered on every rank."""
     import torch
@@ -159,7 +176,8 @@ def evaluate(model, processor, loader, device, amp_dtype, gen_max_length, world=
             n = num_targets(batch)
             with cli.autocast(device, amp_dtype):
                 loss_sum += caption_loss(model, batch, 1).item()
-                generated = model.generate(pixel_values=batch["pixel_values"], max_length=gen_max_length)
+                generated = model.generate(pixel_values=batch["pixel_values"], max_length=gen_max_length,
+                                           num_beams=num_beams)
             tokens += n
             predictions += processor.batch_decode(generated, skip_special_tokens=True)
             order += batch["index"].tolist()
@@ -184,8 +202,8 @@ def train(run, state, meter):
             # Normalise by the target tokens of the whole accumulated batch (on all ranks), so every
             # caption token weighs the same however the batch was cut into micro-batches and ranks.
             # The ranks agree on a stop in the same all-reduce, so all of them stop after one step.
-            n_tokens, stops = distributed.global_sum((sum(map(num_targets, micro)), stop.requested),
-                                                     run.world, run.device)
+            n_tokens, captions, stops = distributed.global_sum(
+                (sum(map(num_targets, micro)), sum(map(num_captions, micro)), stop.requested), run.world, run.device)
             if stops:
                 stopped_by = stop.name or "a signal to another rank"
                 break
@@ -199,7 +217,7 @@ def train(run, state, meter):
             if bad_in_a_row >= args.max_bad_steps and not run.scaler.is_enabled():
                 fail(f"stopped at step {state.step}: the loss was not finite for {bad_in_a_row} steps in a row "
                      f"(--max-bad-steps); the last good checkpoint is left as it was")
-            add_to_window(state.window, loss, samples)
+            add_to_window(state.window, loss, samples, captions)
             if due(state.step, args.logging_steps, run.max_steps):
                 log_window(run, state, meter, grad_norm, bar)
             if due(state.step, args.eval_steps, run.max_steps):
@@ -275,25 +293,27 @@ def optimizer_step(run, micro, n_tokens):
     return step_loss, grad_norm, skipped
 
 
-def add_to_window(window, loss, samples):
+def add_to_window(window, loss, images, captions):
     window["loss"] += loss
     window["steps"] += 1
-    window["samples"] += samples
+    window["samples"] += images
+    window["captions"] += captions
 
 
 def log_window(run, state, meter, grad_norm, bar):
     """The mean loss and the speed of the steps since the last logged line: the terminal, TensorBoard."""
     window = state.window
     mean_loss, lr = float(window["loss"]) / window["steps"], run.scheduler.get_last_lr()[0]
-    speed, wait_share = meter.close_window(window["samples"], window["steps"])
+    captions_per_s, images_per_s, wait_share = meter.close_window(window["samples"], window["captions"], window["steps"])
     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
     state.train_log.append((state.step, mean_loss))
-    for name, value in (("loss", mean_loss), ("lr", lr), ("grad_norm", float(grad_norm)), ("samples_per_second", speed),
+    for name, value in (("loss", mean_loss), ("lr", lr), ("grad_norm", float(grad_norm)),
+                        ("captions_per_second", captions_per_s), ("images_per_second", images_per_s),
                         ("data_wait_share", wait_share), ("skipped_steps", state.skipped_steps)):
         run.writer.add_scalar(f"train/{name}", value, state.step)
     say(f"step {state.step}/{run.max_steps} | epoch {state.epoch + state.samples_done / run.samples_per_epoch:.2f} | "
         f"loss {mean_loss:.4f} | lr {lr:.3e} | grad_norm {float(grad_norm):.3f} "
-        f"| {speed:.1f} samples/s | data wait {100 * wait_share:.1f}%"
+        f"| {captions_per_s:.1f} captions/s, {images_per_s:.1f} images/s | data wait {100 * wait_share:.1f}%"
         + (f" | {state.skipped_steps} steps skipped (non-finite)" if state.skipped_steps else ""))
     state.window = empty_window()
 
@@ -305,8 +325,8 @@ def evaluate_and_keep_best(run, state):
 
     t0 = time.time()
     eval_loss, predictions = evaluate(run.model, run.processor, run.eval_loader, run.device, run.amp_dtype,
-                                      run.args.gen_max_length, run.world)
-    scores = metrics.caption_scores(predictions, run.eval_captions)
+                                      run.args.gen_max_length, run.world, run.args.eval_num_beams)
+    scores = metrics.evaluation_scores(predictions, run.eval_captions)
     show_evaluation(run, state.step, eval_loss, scores, predictions, time.time() - t0)
     state.history.append({"step": state.step, "eval_loss": eval_loss, **scores})
     metric, value, best = run.args.metric_for_best, state.history[-1][run.args.metric_for_best], state.best
@@ -319,12 +339,16 @@ def evaluate_and_keep_best(run, state):
         written(path, checkpoint.write_file_atomically, path, "".join(json.dumps(h) + "\n" for h in state.history))
         if improved:
             best_dir = os.path.join(run.args.output_dir, "best")
+            # The run's flags go with best/ so that metrics.py --model OUT/best scores it as this run did.
             written(best_dir, checkpoint.save_model, best_dir, run.model, run.processor,
-                    card=card_for(run, state, best_dir, state.history[-1]))
+                    card=card_for(run, state, best_dir, state.history[-1]),
+                    args_json=json.dumps(vars(run.args), indent=2))
 
 
 def show_evaluation(run, step, eval_loss, scores, predictions, seconds):
     """An evaluation's scores and first examples: the terminal, and TensorBoard's scalars, images and text."""
+    import metrics
+
     writer, refs = run.writer, run.eval_captions
     writer.add_scalar("eval/loss", eval_loss, step)
     writer.add_scalar("eval/seconds", seconds, step)  # generation's cost, apart from training's
@@ -332,7 +356,10 @@ def show_evaluation(run, step, eval_loss, scores, predictions, seconds):
         writer.add_scalar(f"eval/{name}", value, step)
     shown = range(min(run.args.num_examples, len(predictions)))
     lines = [f"eval step {step}: loss {eval_loss:.4f} | wer {scores['wer']:.4f} | cer {scores['cer']:.4f} "
-             f"| {seconds:.1f}s"]
+             f"| distinct {scores['distinct_captions']:.2f} | {seconds:.1f}s"]
+    collapsed = metrics.collapse_warning(predictions, refs)
+    if collapsed:
+        lines.append(collapsed)
     for k in shown:
         lines.append(f"  gen: {predictions[k]!r}\n  ref: {refs[k][0]!r}")
         writer.add_image(f"eval/example_{k}", report.caption_card(run.eval_images[k], predictions[k], refs[k][0]),

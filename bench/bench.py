@@ -50,7 +50,8 @@ PROGRAMS = {
 }
 SIZES = {"small": "tiny", "base": "base-scratch"}  # size -> model.TINY_PRESETS preset
 QUICK = dict(images=24, image_size=128, sizes="small", small_steps=4, small_batch=4, inference_images=8)
-OURS_SPEED = re.compile(r"training speed: ([\d.]+) samples/s, ([\d.]+) s per optimizer step, data wait ([\d.]+)%")
+OURS_SPEED = re.compile(r"training speed: [\d.]+ captions/s, ([\d.]+) images/s, ([\d.]+) s per optimizer step, "
+                        r"data wait ([\d.]+)%")
 
 
 def parse_args(argv=None):

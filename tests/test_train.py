@@ -119,8 +119,8 @@ def test_tensorboard_holds_the_scalars_and_example_images(trained_run):
     events = EventAccumulator(os.path.join(trained_run, "runs"))
     events.Reload()
     tags = events.Tags()
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/samples_per_second", "eval/loss", "eval/wer",
-                "eval/cer", "eval/bleu4", "eval/rouge_l", "eval/cider_d"):
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/captions_per_second", "train/images_per_second",
+                "eval/loss", "eval/wer", "eval/cer", "eval/bleu4", "eval/rouge_l", "eval/cider_d"):
         assert tag in tags["scalars"], tag
     logged = evaluations(trained_run)
     assert [e.step for e in events.Scalars("eval/wer")] == [h["step"] for h in logged] == [100, 200, 300, 400, 500]
