@@ -29,3 +29,21 @@ def test_quick_bench_reports_speed_and_memory_of_the_three_programs(tmp_path):
     assert "ours is x faster" in run.stdout
     # the work folder holds no program outputs afterwards, only logs, data, models and caches
     assert not [p for p in os.listdir(tmp_path / "work" / "runs") if not p.endswith(".timing.json")]
+
+
+@pytest.mark.slow
+def test_quick_options_bench_trains_the_same_caption_rows_per_step(tmp_path):
+    out = tmp_path / "options.json"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "options.py"), "--quick", "--configs", "one,all",
+                          "--out", str(out), "--work-dir", str(tmp_path / "work")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"one", "all"}
+    assert (results["one"]["images_per_step"], results["all"]["images_per_step"]) == (20, 4)
+    for name, result in results.items():
+        assert result["captions_per_step"] == 20 and result["steps_recorded"] == 3, name
+        assert result["captions_per_second"] > 0 and result["peak_rss_mib_at_last_step"] > 0, name
+        # train.py's own figure, from its final speed line: images/s, five times fewer with `all`
+        assert result["train_py_images_per_second"] > 0, name
+    assert "all (4 images x 5)" in run.stdout
