@@ -62,6 +62,7 @@ def parse_args(argv=None):
     a("--device", choices=cli.DEVICES, default="auto")
     a("--precision", choices=cli.PRECISIONS, default="auto",
       help="auto: fp16 on CUDA, bf16 on CPUs with bf16 matrix units, else fp32")
+    a("--attention", choices=cli.ATTENTIONS, default="auto", help=cli.ATTENTION_HELP)
     a("--seed", type=int, default=0, help="for --do-sample")
     a("--trust-remote-code", action="store_true", help="allow a model that ships its own Python code to run it")
     a("--timeout", type=cli.positive_float, default=20.0, help="seconds to wait for a URL")
@@ -217,14 +218,15 @@ def resolve_model(name):
 
 
 @functools.lru_cache(maxsize=2)
-def load(name, device_name="auto", precision="auto", trust_remote_code=False):
+def load(name, device_name="auto", precision="auto", trust_remote_code=False, attention="auto"):
     """(model, processor, device, autocast dtype), cached so repeated caption() calls load once."""
     from model import load_model
 
     device = cli.pick_device(device_name)
-    model, processor = load_model(resolve_model(name), trust_remote_code=trust_remote_code)
-    model.to(device).eval()
     amp_dtype, _ = cli.pick_precision(precision, device)
+    model, processor = load_model(resolve_model(name), trust_remote_code=trust_remote_code,
+                                  attention=cli.pick_attention(attention, device))
+    model.to(device).eval()
     return model, processor, device, amp_dtype
 
 
@@ -278,14 +280,15 @@ def captioned(model, processor, device, amp_dtype, batches, do_sample=False, see
 
 
 def caption(images, model="git-base-pokemon/best", device="auto", precision="auto", trust_remote_code=False,
-            exact_preprocessing=False, num_workers=0, batch_size=16, timeout=20.0, max_download_mb=50.0, **options):
+            exact_preprocessing=False, num_workers=0, batch_size=16, timeout=20.0, max_download_mb=50.0,
+            attention="auto", **options):
     """Captions for images (paths, URLs or PIL images): one string each, or a list of
     num_captions strings each when num_captions > 1. Raises data.DataError for an unreadable image.
     The same reading, preprocessing and batching as the command line, so the same captions;
     num_workers 0 (the default here) starts no processes."""
     from data import DataError
 
-    model_, processor, device_, amp_dtype = load(model, device, precision, trust_remote_code)
+    model_, processor, device_, amp_dtype = load(model, device, precision, trust_remote_code, attention)
     reader = reader_for(list(images), processor.image_processor, exact_preprocessing, timeout,
                         int(max_download_mb * (1 << 20)))
     results = []
@@ -458,7 +461,8 @@ def main(argv=None):
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     try:
-        model, processor, device, amp_dtype = load(args.model, args.device, args.precision, args.trust_remote_code)
+        model, processor, device, amp_dtype = load(args.model, args.device, args.precision, args.trust_remote_code,
+                                                   args.attention)
     except (ModelLoadError, ValueError) as e:
         cli.fail(str(e))
 

@@ -260,6 +260,7 @@ def parse_args(argv=None):
     m("--synthetic-size", type=cli.positive_int)
     m("--eval-batch-size", "--batch-size", dest="eval_batch_size", metavar="N", type=cli.positive_int)
     m("--precision", choices=cli.PRECISIONS)
+    m("--attention", choices=cli.ATTENTIONS, help=cli.ATTENTION_HELP)
     m("--device", choices=cli.DEVICES)
     m("--num-workers", type=cli.non_negative_int)
     m("--preprocessing-num-workers", type=cli.positive_int)

@@ -90,17 +90,17 @@ def sincos_2d(grid, dim):
     return torch.cat(parts, dim=1)
 
 
-def load_or_build_model(args, captions, resume_from=None, build=True):
+def load_or_build_model(args, captions, resume_from=None, build=True, attention="eager"):
     """The checkpoint being resumed, a tiny GIT built for the training captions (a list of strings),
     or --model; raises ModelLoadError. build=False: another process builds the tiny GIT's folder."""
     if resume_from:
-        return load_model(resume_from, trust_remote_code=args.trust_remote_code)
+        return load_model(resume_from, trust_remote_code=args.trust_remote_code, attention=attention)
     if is_tiny(args.model):
         init_dir = os.path.join(args.output_dir, "init-model")
         if build:
             build_tiny_git(captions, init_dir, preset=args.model, seed=args.seed)
-        return load_model(init_dir)
-    return load_model(args.model, trust_remote_code=args.trust_remote_code)
+        return load_model(init_dir, attention=attention)
+    return load_model(args.model, trust_remote_code=args.trust_remote_code, attention=attention)
 
 
 def set_up_for_training(model, freeze_vision=False, gradient_checkpointing=False):
@@ -118,11 +118,13 @@ def set_up_for_training(model, freeze_vision=False, gradient_checkpointing=False
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
-def load_model(name, dtype=None, trust_remote_code=False):
+def load_model(name, dtype=None, trust_remote_code=False, attention="eager"):
     """AutoModelForCausalLM + AutoProcessor from a Hub id or a local folder; one-line errors.
+    attention: "sdpa" swaps in the fused attention (attention.py), "eager" keeps transformers' own.
     Code shipped with a model (auto_map in its config) runs only with trust_remote_code=True."""
     from transformers import AutoModelForCausalLM, AutoProcessor
 
+    from attention import set_attention
     from hub import looks_like_path
 
     if looks_like_path(name):
@@ -150,7 +152,7 @@ def load_model(name, dtype=None, trust_remote_code=False):
         raise ModelLoadError(f"model {name!r} is a {model.config.model_type!r} model, not GIT")
     if model.generation_config.pad_token_id is None:  # batched generate pads finished captions
         model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    return model, processor
+    return set_attention(model, attention), processor
 
 
 def first_line(e):

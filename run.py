@@ -122,14 +122,15 @@ def build(args, device, rank, world):
     torch.manual_seed(args.seed + rank)
     amp_dtype, use_scaler = cli.pick_precision(args.precision, device)
     resume_from = prepare_output_dir(args, rank, world)
-    model, processor, tables = load_data_and_model(args, resume_from, device, rank, world)
+    attention = cli.pick_attention(args.attention, device)
+    model, processor, tables = load_data_and_model(args, resume_from, device, rank, world, attention)
     train_loader, eval_loader, eval_captions, eval_images = make_loaders(args, tables, processor, device, rank, world)
     steps_per_epoch = math.ceil(math.ceil(train_loader.sampler.num_samples / args.batch_size) / args.grad_accum)
     max_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
     say(f"train {len(train_loader.dataset)} images{caption_count(train_loader.dataset, args)}, "
         f"eval {len(eval_loader.dataset)} | {steps_per_epoch} steps/epoch, {max_steps} steps | "
         f"{parameter_count(model)} | {device} "
-        f"{'fp32' if amp_dtype is None else str(amp_dtype).split('.')[-1]}"
+        f"{'fp32' if amp_dtype is None else str(amp_dtype).split('.')[-1]}, {attention} attention"
         + (f" | {world} processes, global batch {args.batch_size * args.grad_accum * world}" if world > 1 else ""))
     optimizer, scheduler, scaler = make_optimizer(args, model, max_steps, device, use_scaler)
     samples_per_epoch = train_loader.sampler.total_size
@@ -253,7 +254,7 @@ def check_resume_flags(args, saved):
         say("resuming with changed flags: " + ", ".join(f"{flag(n)} {new} (was {old})" for n, old, new in changed))
 
 
-def load_data_and_model(args, resume_from, device, rank, world):
+def load_data_and_model(args, resume_from, device, rank, world, attention="eager"):
     """(model on device, processor, (train table, eval table)); bad data or model names stop in one line."""
     import torch
 
@@ -269,7 +270,7 @@ def load_data_and_model(args, resume_from, device, rank, world):
     captions = data.caption_texts(tables[0], args.text_column) if is_tiny(args.model) and not resume_from else []
     with distributed.first_then_others(rank == 0, world):
         try:
-            model, processor = load_or_build_model(args, captions, resume_from, build=rank == 0)
+            model, processor = load_or_build_model(args, captions, resume_from, build=rank == 0, attention=attention)
         except ModelLoadError as e:
             fail(f"{e}, or --model tiny to train a small GIT from scratch")
     # Channels-last for the ViT's patch convolution: a git-base-sized step took 4.6 s instead of
@@ -322,7 +323,8 @@ def make_loaders(args, tables, processor, device, rank, world):
                                       all_captions=args.caption_sampling == "all")
     pad_id, pin = processor.tokenizer.pad_token_id, device.type == "cuda"
     train_loader = batches.make_loader(train_set, args.batch_size, batches.EpochSampler(
-        len(train_set), seed=args.seed, num_replicas=world, rank=rank), pad_id, args.num_workers, pin)
+        len(train_set), seed=args.seed, num_replicas=world, rank=rank), pad_id, args.num_workers, pin,
+        static_length=args.max_text_length if args.compile else None)
     eval_loader = make_eval_loader(args, eval_pixels, eval_captions, processor, device, rank, world)
     eval_images = [Image.fromarray(np.asarray(eval_pixels[k]).transpose(1, 2, 0))
                    for k in range(min(args.num_examples, len(eval_captions)))]
@@ -341,12 +343,17 @@ def make_eval_loader(args, pixels, captions, processor, device, rank=0, world=1)
 
 def wrap_for_training(model, args, device, world):
     """What training's forward and backward go through: under torchrun a DDP wrapper, which
-    averages the gradients across ranks during backward; compiled with --compile."""
+    averages the gradients across ranks during backward; compiled with --compile, for fixed shapes
+    (the loader pads batches to a few shapes, each compiled once: see batches.collate)."""
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
     net = model if world == 1 else DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    return torch.compile(net) if args.compile else net
+    if not args.compile:
+        return net
+    # Each (captions per image, length bucket) pair is a shape; let all of them compile, not just 8.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(net, dynamic=False)
 
 
 def lr_factor(schedule, warmup, total):

@@ -138,7 +138,8 @@ def load_for_scoring(folder, settings, device):
     from model import ModelLoadError, load_model
 
     try:
-        model, processor = load_model(folder, trust_remote_code=settings.trust_remote_code)
+        model, processor = load_model(folder, trust_remote_code=settings.trust_remote_code,
+                                      attention=cli.pick_attention(settings.attention, device))
     except ModelLoadError as e:
         cli.fail(str(e))
     # Laid out as training holds it (run.load_data_and_model), so the convolution adds up the same way.
