@@ -538,7 +538,17 @@ def build_dataset(images, captions, processor, max_text_length, seed=0, all_capt
                           normaliser(processor.image_processor), all_captions)
 
 
-def collate(batch, pad_id=0, mean=0.0, std=1.0):
+# --compile pads captions up to one of these lengths (or --max-text-length), so that the compiled
+# step meets a handful of shapes in a run instead of one per caption length (each new shape is a
+# new compile). Each is at most 1.5x the one below: little padding for the decoder to carry.
+LENGTH_BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def bucket_length(n, max_length):
+    return min(b for b in (*LENGTH_BUCKETS, max_length) if b >= n)
+
+
+def collate(batch, pad_id=0, mean=0.0, std=1.0, static=None):
     """B images and their captions -> one batch. Row j * B + i holds caption j of image i, because
     GIT's forward repeats the B projected images over the caption rows (row r gets image r % B):
     the image encoder runs once for all captions of an image. An image with fewer captions than
@@ -546,10 +556,18 @@ def collate(batch, pad_id=0, mean=0.0, std=1.0):
     loss (they cost decoder compute like any row). Captions are padded to the longest in the batch;
     labels are the input ids with padding set to -100 so the loss ignores it (the recipe trains on
     512-token padding). uint8 pixels become floats scaled to [0, 1] and normalised, as the image
-    processor would have."""
+    processor would have.
+    static=(images, max_length), for --compile: the batch always holds `images` images (the epoch's
+    last, short batch gets blank filler images whose rows are all filler) and captions are padded to
+    a LENGTH_BUCKETS length, so only the count of captions per image and the bucket change shape."""
     pixels, captions, index = zip(*batch)
+    if static:
+        filler = static[0] - len(pixels)
+        pixels, captions = pixels + (torch.zeros_like(pixels[0]),) * filler, captions + ([],) * filler
     rows = [caps[j] if j < len(caps) else [] for j in range(max(map(len, captions))) for caps in captions]
     length = max(len(x) for x in rows)
+    if static:
+        length = bucket_length(length, static[1])
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
     for row, x in enumerate(rows):
@@ -612,11 +630,13 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
-def make_loader(dataset, batch_size, sampler, pad_id, num_workers=0, pin_memory=False):
+def make_loader(dataset, batch_size, sampler, pad_id, num_workers=0, pin_memory=False, static_length=None):
+    """static_length: --compile's fixed batch shapes (see collate), captions at most this long."""
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
         collate_fn=functools.partial(collate, pad_id=pad_id, mean=getattr(dataset, "mean", 0.0),
-                                     std=getattr(dataset, "std", 1.0)),
+                                     std=getattr(dataset, "std", 1.0),
+                                     static=(batch_size, static_length) if static_length else None),
         generator=torch.Generator())
 
 

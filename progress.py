@@ -3,18 +3,28 @@ import signal
 import time
 
 
+def compile_seconds():
+    """Wall time torch.compile has spent compiling in this process so far."""
+    from torch._dynamo.utils import calculate_time_spent
+
+    return calculate_time_spent().get("total_wall_time", 0.0)
+
+
 class Meter:
     """Wall time, time spent waiting for data, images and captions, per logging window and over the run;
-    evaluation and saving are left out. When waiting is a large share of a step the loader is the
-    bottleneck (more --num-workers)."""
+    evaluation and saving are left out, and so is compiling when compile_clock (compile_seconds) is
+    given: it is paid once, and would hide the speed of the compiled steps. When waiting is a large
+    share of a step the loader is the bottleneck (more --num-workers)."""
 
-    def __init__(self):
+    def __init__(self, compile_clock=None):
+        self.compile_clock = compile_clock or (lambda: 0.0)
         self.restart()
         self.run_seconds, self.run_waited, self.run_images, self.run_captions, self.run_steps = 0.0, 0.0, 0, 0, 0
+        self.run_compiled = 0.0
 
     def restart(self):
         """Start a new window (after a logged line, once evaluation and saving are done)."""
-        self.t0, self.waited = time.time(), 0.0
+        self.t0, self.waited, self.compiled_at_start = time.time(), 0.0, self.compile_clock()
 
     def timed(self, iterable):
         """The items of iterable; the time spent getting each one counts as data wait."""
@@ -32,7 +42,9 @@ class Meter:
     def close_window(self, images, captions, steps):
         """(captions per second, images per second, share of the time spent waiting for data) of
         the window now ending. Captions and images differ with --caption-sampling all."""
-        seconds = time.time() - self.t0
+        compiled = self.compile_clock() - self.compiled_at_start
+        seconds = max(time.time() - self.t0 - compiled, 1e-9)
+        self.run_compiled += compiled
         self.run_seconds, self.run_waited = self.run_seconds + seconds, self.run_waited + self.waited
         self.run_images, self.run_captions = self.run_images + images, self.run_captions + captions
         self.run_steps += steps
@@ -45,7 +57,8 @@ class Meter:
         return (f"training speed: {self.run_captions / self.run_seconds:.1f} captions/s, "
                 f"{self.run_images / self.run_seconds:.1f} images/s, "
                 f"{self.run_seconds / self.run_steps:.3f} s per optimizer step, "
-                f"data wait {100 * self.run_waited / self.run_seconds:.1f}% (evaluation and saving excluded)")
+                f"data wait {100 * self.run_waited / self.run_seconds:.1f}% (evaluation and saving"
+                + (f", and {self.run_compiled:.1f} s of compiling, excluded)" if self.run_compiled else " excluded)"))
 
 
 class StopOnSignal:

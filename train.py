@@ -26,7 +26,7 @@ import hub
 import report
 from cli import fail, say
 from model import TINY_PRESETS
-from progress import Meter, StopOnSignal
+from progress import Meter, StopOnSignal, compile_seconds
 from run import empty_window, setup, written
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -75,6 +75,7 @@ def parse_args(argv=None, **defaults):
       help="auto: fp16 + GradScaler on CUDA, bf16 on CPUs with bf16 matrix units, else fp32")
     a("--device", choices=cli.DEVICES, default="auto")
     a("--seed", type=int, default=42)
+    a("--attention", choices=cli.ATTENTIONS, default="auto", help=cli.ATTENTION_HELP)
     a("--compile", action="store_true", help="torch.compile the training forward and backward (see README: Speed)")
     a("--num-workers", type=cli.non_negative_int, default=0)
     a("--max-bad-steps", type=cli.positive_int, default=10,
@@ -120,22 +121,28 @@ def num_image_tokens(config):
     return patches * (config.num_image_with_embedding or 1)
 
 
-def caption_loss(model, batch, num_tokens):
+def caption_loss(model, batch, num_tokens, static=False):
     """Summed next-token cross-entropy over caption tokens, divided by num_tokens.
 
     GIT prepends the image tokens to the caption, and its own forward projects every position
     (image tokens included) onto the vocabulary. We ask for logits only where a target exists: the
     caption position j predicts token j + 1, for every j whose target is not padding.
+    static (--compile): logits at every caption position instead, padding included, so that no
+    shape depends on how many targets a batch holds (each new shape would be a new compile).
     """
     import torch.nn.functional as F
 
     targets = batch["labels"][:, 1:]
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  pixel_values=batch["pixel_values"], use_cache=False)
+    if static:
+        logits = model(**inputs, logits_to_keep=targets.shape[1] + 1).logits[:, :-1]
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum") / num_tokens
     has_target = targets != -100
     n_img = num_image_tokens(unwrap(model).config)
     keep = has_target.new_zeros((targets.shape[0], n_img + targets.shape[1] + 1))
     keep[:, n_img:-1] = has_target
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   pixel_values=batch["pixel_values"], logits_to_keep=keep, use_cache=False).logits
+    logits = model(**inputs, logits_to_keep=keep).logits
     return F.cross_entropy(logits.float(), targets[has_target], reduction="sum") / num_tokens
 
 
@@ -273,7 +280,7 @@ def optimizer_step(run, micro, n_tokens):
         with sync:
             with cli.autocast(run.device, run.amp_dtype):
                 # DDP averages over ranks; the world factor turns that average into the sum.
-                loss = caption_loss(run.net, batch, n_tokens / run.world)
+                loss = caption_loss(run.net, batch, n_tokens / run.world, static=run.args.compile)
             run.scaler.scale(loss).backward()
         step_loss += loss.detach() / run.world  # no .item() here: one device sync per step at most
     distributed.sum_(step_loss, run.world)
@@ -441,7 +448,7 @@ def main(argv=None):
     if not args.push_to_hub:
         hub.offline_unless_needed(*[n for n in (args.dataset, args.model) if n != "synthetic" and n not in TINY_PRESETS])
     with setup(args) as (run, state):
-        meter = Meter()
+        meter = Meter(compile_seconds if args.compile else None)
         stopped_by = train(run, state, meter)
         finish(run, state, meter, stopped_by)
     return state.best

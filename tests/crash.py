@@ -30,12 +30,12 @@ def main():
     n, calls = int(n), {"train": 0, "eval": 0, "save": 0}
     caption_loss, torch_save = train.caption_loss, checkpoint.torch.save
 
-    def counted_loss(model, batch, num_tokens):
+    def counted_loss(model, batch, num_tokens, **kwargs):
         kind = "train" if model.training else "eval"
         calls[kind] += 1
         if (point, kind) in (("accumulation", "train"), ("evaluation", "eval")) and calls[kind] == n:
             die()
-        return caption_loss(model, batch, num_tokens)
+        return caption_loss(model, batch, num_tokens, **kwargs)
 
     def half_written_save(obj, path, *args, **kwargs):
         calls["save"] += 1

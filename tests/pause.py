@@ -17,13 +17,13 @@ def main():
     assert sep == "--", sys.argv
     n, calls, caption_loss = int(n), [0], train.caption_loss
 
-    def paused_loss(model, batch, num_tokens):
+    def paused_loss(model, batch, num_tokens, **kwargs):
         if model.training:
             calls[0] += 1
             if calls[0] == n:
                 print("paused", flush=True)
                 sys.stdin.readline()
-        return caption_loss(model, batch, num_tokens)
+        return caption_loss(model, batch, num_tokens, **kwargs)
 
     train.caption_loss = paused_loss
     train.main(train_args)

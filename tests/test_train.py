@@ -414,8 +414,8 @@ def poison(monkeypatch, bad_calls):
     """Make the training loss NaN on the given (1-based) training calls of caption_loss."""
     real, calls = train.caption_loss, [0]
 
-    def loss(model, batch, n):
-        value = real(model, batch, n)
+    def loss(model, batch, n, **kwargs):
+        value = real(model, batch, n, **kwargs)
         if model.training:
             calls[0] += 1
             if calls[0] in bad_calls:
