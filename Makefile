@@ -41,3 +41,9 @@ $(VENV)/.installed-bench: requirements.txt requirements-bench.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-bench.txt
 	touch $@
+
+# The training step and generate at git-base size on a CUDA GPU: eager / sdpa / sdpa+compile attention,
+# fp16 + GradScaler and bf16; images/s, peak GPU memory, MFU. Stops in one line without a GPU.
+.PHONY: bench-gpu
+bench-gpu: venv
+	$(PY) bench/gpu.py --device cuda --json bench/gpu.json
