@@ -14,8 +14,6 @@ reads it, so that a bad line is reported by its number instead of as a pyarrow o
     python data.py preview --dataset scenes/ --n 5 --out samples.png   # the guide's row of captioned images
     python data.py stats --dataset scenes/                # split sizes, caption lengths, image sizes, bad rows
 """
-import contextlib
-import gc
 import io
 import json
 import math
@@ -25,6 +23,7 @@ import sys
 import numpy as np
 from PIL import Image, ImageOps
 
+import captionfiles
 import cli
 import metadata
 import synthetic
@@ -121,10 +120,10 @@ def load_source(name, seed=0, synthetic_size=1000, image_root=None, columns=("im
     columns: the names a caption file's image and caption columns get (other sources have their own)."""
     import datasets
 
-    if is_caption_file(name):
+    if captionfiles.is_caption_file(name):
         if not os.path.isfile(name):
             raise DataError(f"caption file {name!r} does not exist")
-        return load_caption_file(name, image_root, columns)
+        return captionfiles.load_caption_file(name, image_root, columns)
     if image_root is not None:
         raise DataError(f"--image-root is for a COCO or Karpathy caption file (.json); --dataset {name!r} is not one")
     if name == SYNTHETIC:
@@ -209,100 +208,6 @@ def load_saved(name):
     except Exception as e:
         raise DataError(damaged_saved_folder(name) or
                         f"dataset folder {name!r} (save_to_disk) could not be loaded: {first_line(e)}") from None
-
-
-def is_caption_file(name):
-    return name.lower().endswith(".json") and not os.path.isdir(name)
-
-
-CAPTION_TABLE_VERSION = 1  # bump when the tables built from a caption file change for the same file
-
-
-def load_caption_file(path, image_root=None, columns=("image", "text")):
-    """A COCO captions file -> one table (it has no splits: the eval rows are cut from it by --test-size);
-    a Karpathy split file -> a DatasetDict of its own splits: train (its train and restval images), val and
-    test, those with images. Each row: an image path (image_root/file_name, or image_root/filepath/filename)
-    and its captions, as a list. The images are not opened here: a missing one is a bad row, as in an
-    imagefolder, named with the entry (`images[12]`) that names it."""
-    image_column, text_column = columns
-    if image_column == text_column:
-        raise DataError(f"--image-column and --text-column are both {image_column!r}: the table of a caption file "
-                        f"has an image column and a caption column")
-    if image_root is not None and not os.path.isdir(image_root):
-        raise DataError(f"--image-root {image_root!r} is not a folder")
-    root = os.path.abspath(os.path.dirname(path) if image_root is None else image_root)
-    with gc_paused():
-        return caption_tables(path, root, columns)
-
-
-@contextlib.contextmanager
-def gc_paused():
-    """No cyclic garbage collection for a while. Parsing a caption file makes millions of objects and no cycles;
-    each collection the allocations set off walks all of them: with it, a 144 MB Karpathy file took 3.7 s to
-    load, without it 1.6 s."""
-    was_on = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_on:
-            gc.enable()
-
-
-def caption_tables(path, root, columns):
-    """load_caption_file's tables, the images under `root`."""
-    import datasets
-
-    kind, names, refs, splits = metadata.read_caption_file(path)
-    prefix = os.path.join(root, "")
-    paths = [prefix + name for name in names]
-    stamps = image_stamps(paths, path)
-    if splits is None:
-        return caption_table([kind], paths, refs, stamps, columns)
-    rows = {name: [i for i, s in enumerate(splits) if s == name] for name in ("train", "val", "test")}
-    if not rows["train"]:
-        raise DataError(f"{path}: no image has split \"train\" or \"restval\" (the images to train on); "
-                        f"splits found: {', '.join(sorted(set(splits)))}")
-    return datasets.DatasetDict({
-        name: caption_table([kind, name], [paths[i] for i in idx], [refs[i] for i in idx], [stamps[i] for i in idx],
-                            columns)
-        for name, idx in rows.items() if idx})
-
-
-def image_stamps(paths, shown):
-    """Each image file's modification time and size, or None when it is missing (noted for read_row's message).
-    They go into the tables' fingerprints, as an imagefolder's do: an image changed in place is decoded
-    again, not read from the cache."""
-    stamps = []
-    for i, path in enumerate(paths):
-        try:
-            st = os.stat(path)
-            stamps.append(f"{st.st_mtime_ns} {st.st_size}")
-        except OSError:
-            stamps.append(None)
-            metadata.missing_images[os.path.realpath(path)] = f"in {shown} images[{i}]"
-    return stamps
-
-
-def caption_table(identity, paths, refs, stamps, columns):
-    """A table of image paths (an undecoded Image column, as an imagefolder's) and lists of captions. Its
-    fingerprint, which names its cache entry, is a hash of everything in it and of the images' stamps."""
-    import hashlib
-
-    import datasets
-    import pyarrow as pa
-    from datasets.table import InMemoryTable
-
-    digest = hashlib.sha256(json.dumps([CAPTION_TABLE_VERSION, *identity, len(paths)]).encode())
-    for part in ("\0".join(paths), "\0".join(map(str, stamps)), "\0".join(map("\x1f".join, refs))):
-        digest.update(part.encode("utf-8", "surrogatepass"))
-    image = pa.StructArray.from_arrays([pa.nulls(len(paths), pa.binary()), pa.array(paths, pa.string())],
-                                       names=["bytes", "path"])
-    table = pa.table({columns[0]: image, columns[1]: pa.array(refs, pa.list_(pa.string()))})
-    features = datasets.Features({columns[0]: datasets.Image(),
-                                  columns[1]: datasets.List(datasets.Value("string"))})
-    return datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=features),
-                            fingerprint=digest.hexdigest()[:16])
 
 
 def damaged_saved_folder(name):
