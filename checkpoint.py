@@ -89,17 +89,20 @@ def disk_full(path, margin=1 << 20):
         return False
 
 
-def save_model(out_dir, model, processor, card=None, args_json=None):
-    """A model folder (best/); args_json, the run's flags, lets metrics.py score it as the run did."""
-    def write(d):
-        model.save_pretrained(d)
-        processor.save_pretrained(d)
-        write_card(d, card)
-        if args_json is not None:
-            with open(os.path.join(d, "training_args.json"), "w") as f:
-                f.write(args_json)
+def write_model_files(d, model, processor, card=None, args_json=None):
+    """What any model folder holds (best/, each checkpoint): weights, processor, model card, and the
+    run's flags (args_json), which let metrics.py score it as the run did."""
+    model.save_pretrained(d)
+    processor.save_pretrained(d)
+    write_card(d, card)
+    if args_json is not None:
+        with open(os.path.join(d, "training_args.json"), "w") as f:
+            f.write(args_json)
 
-    write_atomically(out_dir, write)
+
+def save_model(out_dir, model, processor, card=None, args_json=None):
+    """A model folder (best/), written atomically."""
+    write_atomically(out_dir, lambda d: write_model_files(d, model, processor, card, args_json))
 
 
 def write_card(folder, card):
@@ -145,15 +148,10 @@ def save_checkpoint(output_dir, step, model, processor, training_state, summary,
     path = os.path.join(output_dir, f"checkpoint-{step}")
 
     def write(d):
-        model.save_pretrained(d)
-        processor.save_pretrained(d)
-        write_card(d, card)
+        write_model_files(d, model, processor, card, args_json)
         torch.save(training_state, os.path.join(d, STATE_FILE))
         with open(os.path.join(d, "trainer_state.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        if args_json is not None:
-            with open(os.path.join(d, "training_args.json"), "w") as f:
-                f.write(args_json)
 
     write_atomically(path, write)
     return path

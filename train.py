@@ -76,7 +76,8 @@ def parse_args(argv=None, **defaults):
     a("--device", choices=cli.DEVICES, default="auto")
     a("--seed", type=int, default=42)
     a("--attention", choices=cli.ATTENTIONS, default="auto", help=cli.ATTENTION_HELP)
-    a("--compile", action="store_true", help="torch.compile the training forward and backward (see README: Speed)")
+    a("--compile", action="store_true", help="torch.compile the training forward and backward, for a few fixed batch shapes "
+                                            "(see README: Attention and compiling)")
     a("--num-workers", type=cli.non_negative_int, default=0)
     a("--max-bad-steps", type=cli.positive_int, default=10,
       help="fp32/bf16: stop after this many optimizer steps in a row with a non-finite loss (each is skipped)")
