@@ -19,7 +19,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import signal
 import socket
 import sys
 import zlib
@@ -29,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import workers
 from data import DataError, check_columns
 
 
@@ -56,7 +56,9 @@ def normaliser(image_processor):
     return mean, std
 
 
-CACHE_VERSION = 2  # bump when what prepare_split stores changes (2: the draft in the key, checksums in index.json)
+# Bump when what prepare_split stores changes (2: the draft in the key, checksums in index.json; 3: index.json
+# checksums itself, the pixel limit in the key).
+CACHE_VERSION = 3
 # A pixel file is checked against its checksums at every opening when it is at most this big: crc32 ran at
 # 6.7 GB/s over bytes in memory here, and check_segments at 5.7 GB/s reading pixels.u8 from the page cache
 # (0.2 s a GiB; from disk, the disk's speed). A bigger file, which may not fit in memory, has SAMPLED_SEGMENTS of
@@ -170,12 +172,12 @@ def fill(table, job, chunk, num_workers):
     rows = data.undecoded(table, job.image_column)
     chunks = ((k * chunk, list(zip(itertools.count(k * chunk), batch[job.image_column], batch[job.text_column])))
               for k, batch in enumerate(rows.iter(batch_size=chunk)))
-    workers = min(num_workers, -(-len(table) // chunk)) if "fork" in multiprocessing.get_all_start_methods() else 0
+    processes = min(num_workers, -(-len(table) // chunk)) if "fork" in multiprocessing.get_all_start_methods() else 0
     # fork, not spawn or forkserver: a new interpreter took 2.9 s here to import what unpickling an image processor
     # needs, while two workers fill 2,000 drafted 1280 x 960 photos in 3.8 s. Workers touch no torch state
     # (_start_worker); 100 fills forked beside a thread running torch matmuls all finished, equal to serial ones.
-    pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), _start_worker, (job,)) \
-        if workers > 1 else None
+    pool = concurrent.futures.ProcessPoolExecutor(processes, multiprocessing.get_context("fork"), _start_worker,
+                                                  (job, os.getpid())) if processes > 1 else None
     in_flight, kept, captions, bad, segments, bar = collections.deque(), 0, [], [], [], None
     try:
         for start, part in itertools.chain(chunks, [(None, None)]):
@@ -185,7 +187,7 @@ def fill(table, job, chunk, num_workers):
             # The bar after the first submit, which forks the workers: no tqdm thread to fork beside.
             bar = bar or tqdm(total=len(table), desc=f"{job.what} images", unit="img", file=sys.stderr,
                               leave=False, disable=not sys.stderr.isatty())
-            while in_flight and (start is None or len(in_flight) >= (2 * workers if pool else 1)):
+            while in_flight and (start is None or len(in_flight) >= (2 * processes if pool else 1)):
                 first, n, future = in_flight.popleft()
                 good, crc, refs, errors = chunk_result(future, job.what, first, n)
                 bad += errors
@@ -270,15 +272,13 @@ def _done(fn, *args):
 _job = None  # a worker's Fill
 
 
-def _start_worker(job):
+def _start_worker(job, parent):
     global _job
     _job = job
+    workers.start(parent)  # the parent's locks let go, stop signals left to it, killed with it
     # As DataLoader's forked workers do: the parent's OpenMP threads do not exist here, so a torch op (an image
-    # processor's torchvision backend) must not try to use them. Ctrl-C is the parent's to handle, and a
-    # SIGTERM handler inherited from it (train.py's) must not keep a worker alive.
+    # processor's torchvision backend) must not try to use them.
     torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _worker_chunk(start, rows):
@@ -333,13 +333,17 @@ def open_entry(folder, verify):
     try:
         with open(os.path.join(folder, "index.json")) as f:
             index = json.load(f)
+        # The captions train and evaluate on come from here: a flipped bit in one must not pass for a caption.
+        intact = index.pop("index_crc32") == index_checksum(index)
         shape, size, segments = tuple(index["shape"]), index["bytes"], index["segments"]
         consistent = (len(shape) == 4 and size == int(np.prod(shape)) and len(index["captions"]) == shape[0]
                       == sum(n for n, _ in segments) and isinstance(index["skipped"], list))
     except FileNotFoundError:
         raise CacheDamaged("index.json is missing") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CacheDamaged(f"index.json is unreadable: {type(e).__name__}") from None
+    if not intact:
+        raise CacheDamaged("index.json does not match its checksum")
     if not consistent:
         raise CacheDamaged("index.json contradicts itself")
     path = os.path.join(folder, "pixels.u8")
@@ -353,6 +357,11 @@ def open_entry(folder, verify):
         check_segments(path, segments, size // max(shape[0], 1), everything=verify or size <= FULL_CHECK_BYTES)
     pixels = np.memmap(path, dtype=np.uint8, mode="r", shape=shape) if shape[0] else np.zeros(shape, dtype=np.uint8)
     return pixels, index
+
+
+def index_checksum(index):
+    """crc32 of an index's canonical JSON: what was written and what is read back parse to the same text."""
+    return zlib.crc32(json.dumps(index, sort_keys=True).encode())
 
 
 def check_segments(path, segments, row_bytes, everything):
@@ -409,7 +418,7 @@ def build_entry(folder, table, job, chunk, num_workers):
                  "checksum": "crc32 of each chunk of rows", "segments": segments, "draft": job.draft,
                  "captions": captions, "skipped": bad}
         with open(os.path.join(tmp, "index.json"), "w") as f:
-            json.dump(index, f)
+            json.dump({**index, "index_crc32": index_checksum(index)}, f)
         try:
             os.rename(tmp, folder)  # never replaces a complete entry: a folder that is not empty stays
             return True
@@ -449,8 +458,10 @@ def cache_lock(cache_dir, notify):
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError:
             pass  # a file system without locks: build_entry's rename still keeps the first complete entry
+        workers.hold(fd)  # the fill's worker processes must not keep it held after this process is gone
         yield
     finally:
+        workers.let_go(fd)
         os.close(fd)  # and with it the lock
 
 
@@ -637,7 +648,7 @@ def make_loader(dataset, batch_size, sampler, pad_id, num_workers=0, pin_memory=
         collate_fn=functools.partial(collate, pad_id=pad_id, mean=getattr(dataset, "mean", 0.0),
                                      std=getattr(dataset, "std", 1.0),
                                      static=(batch_size, static_length) if static_length else None),
-        generator=torch.Generator())
+        worker_init_fn=workers.initializer() if num_workers else None, generator=torch.Generator())
 
 
 def epoch_batches(loader, epoch, start=0, seed=0):

@@ -21,6 +21,8 @@ import socket
 import numpy as np
 import torch
 
+import workers
+
 STATE_FILE = "training_state.pt"
 LOCK_FILE = ".lock"  # held by the run that owns the folder; its text names that process
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -36,7 +38,7 @@ def lock_folder(folder):
 
     The lock belongs to the open file: the OS drops it when the process ends, however it ends
     (kill -9 included), so no stale lock can block a later run. Keep the returned file open for as
-    long as the folder is yours; closing it releases the lock. The file itself is never removed:
+    long as the folder is yours; release_folder(f) lets it go. The file itself is never removed:
     a process could be holding the lock on a file that was unlinked while another creates a new one."""
     os.makedirs(folder, exist_ok=True)
     f = open(os.path.join(folder, LOCK_FILE), "a+")
@@ -51,7 +53,12 @@ def lock_folder(folder):
     f.truncate()
     f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
     f.flush()
-    return f
+    return workers.hold(f)  # a worker forked while the run holds the folder must not keep it held
+
+
+def release_folder(f):
+    workers.let_go(f)
+    f.close()
 
 
 def write_atomically(final_dir, write):

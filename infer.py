@@ -25,6 +25,8 @@ from collections import Counter
 
 import cli
 import hub
+import workers
+from progress import RaiseOnSignal, Stopped
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # Batches each worker process keeps ready (DataLoader's prefetch_factor): at most
@@ -195,6 +197,7 @@ def loader(reader, image_processor, batch_size=16, num_workers=0):
     return torch.utils.data.DataLoader(
         reader, batch_size=batch_size, num_workers=num_workers, collate_fn=Collate(image_processor),
         prefetch_factor=PREFETCH if num_workers else None, in_order=True,
+        worker_init_fn=workers.initializer(ignore_sigterm=False) if num_workers else None,
         # Its own generator: the iterator's seed draw must not move the global RNG that
         # --do-sample was seeded with, or the sampled captions would depend on --num-workers.
         generator=torch.Generator())
@@ -377,6 +380,7 @@ class Output:
         except BlockingIOError:
             self.file.close()
             raise RuntimeError(f"another infer.py is writing {self.partial!r}") from None
+        workers.hold(self.file)  # the reading workers forked later must not keep the lock after this process
         self.file.seek(0)
         kept = self.file.read()
         if resume and not existed and os.path.isfile(path):
@@ -409,6 +413,7 @@ class Output:
 
     def finish(self):
         os.replace(self.partial, self.path)  # before closing: the lock is held until the name is gone
+        workers.let_go(self.file)
         self.file.close()
 
 
@@ -451,6 +456,15 @@ class Printer:
 
 def main(argv=None):
     args = parse_args(argv)
+    with RaiseOnSignal():  # Ctrl-C or SIGTERM: one line, the rows so far kept, exit 128 + the signal's number
+        try:
+            return caption_inputs(args)
+        except Stopped as e:
+            print(f"stopped by {e.name}", file=sys.stderr)
+            return 128 + e.signum
+
+
+def caption_inputs(args):
     hub.offline_unless_needed(args.model)
     # Heavy imports after argument parsing, so --help and flag errors answer at once.
     import torch
@@ -506,10 +520,10 @@ def main(argv=None):
         printer.close()
         if output:
             save(output, output.finish)
-    except KeyboardInterrupt:
+    except Stopped as e:
         printer.close()
-        print(f"interrupted{kept(output)}", file=sys.stderr)
-        return 130
+        print(f"stopped by {e.name}{kept(output)}", file=sys.stderr)
+        return 128 + e.signum
     except RuntimeError as e:
         if "DataLoader worker" not in str(e):
             raise

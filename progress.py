@@ -1,5 +1,6 @@
 """What the training loop watches besides the model: how fast it goes, and whether it was asked to stop."""
 import signal
+import threading
 import time
 
 
@@ -59,6 +60,37 @@ class Meter:
                 f"{self.run_seconds / self.run_steps:.3f} s per optimizer step, "
                 f"data wait {100 * self.run_waited / self.run_seconds:.1f}% (evaluation and saving"
                 + (f", and {self.run_compiled:.1f} s of compiling, excluded)" if self.run_compiled else " excluded)"))
+
+
+class Stopped(BaseException):
+    """A stop signal (Ctrl-C, SIGTERM) outside the training loop. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way up mistakes it for an error."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.name, self.signum = signal.Signals(signum).name, signum
+
+
+class RaiseOnSignal:
+    """Ctrl-C or SIGTERM raise Stopped wherever the program is (loading data and model, filling the
+    image cache, captioning), so that it unwinds through its cleanups (temporary files removed,
+    worker processes ended, locks let go) to one line, instead of the traceback of a
+    KeyboardInterrupt or SIGTERM's silent death. The training loop puts StopOnSignal over it."""
+
+    def __enter__(self):
+        # Only the main thread may set handlers: called from another (a caller's worker thread), leave them be.
+        main = threading.current_thread() is threading.main_thread()
+        self.previous = {s: signal.signal(s, self._raise) for s in StopOnSignal.SIGNALS} if main else {}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        return False
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise Stopped(signum)
 
 
 class StopOnSignal:

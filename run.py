@@ -106,7 +106,9 @@ def setup(args):
         yield build(args, device, rank, world)
     finally:
         if lock:
-            lock.close()
+            import checkpoint
+
+            checkpoint.release_folder(lock)
 
 
 def build(args, device, rank, world):
@@ -398,7 +400,7 @@ def restore(resume_from, args, optimizer, scheduler, scaler, rank, world, sample
     # A different number of ranks than before: every rank continues from rank 0's streams.
     checkpoint.set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
     if len(rngs) != world:
-        say(f"resuming with {world} processes instead of {len(rngs)}: the global batch is now "
+        say(f"resuming with {world} process{'es' * (world != 1)} instead of {len(rngs)}: the global batch is now "
             f"{args.batch_size * args.grad_accum * world} (was {args.batch_size * args.grad_accum * len(rngs)})")
     if "samples_done" not in saved:  # written before positions were kept in samples: batches per rank
         saved["samples_done"] = saved["batches_done"] * args.batch_size * len(rngs)

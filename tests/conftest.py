@@ -113,6 +113,41 @@ class Lines:
                 return seen
 
 
+def descendants(pid):
+    """The PIDs of a process's children, theirs, and so on (Linux /proc), read now."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in os.listdir(f"/proc/{parent}/task") if os.path.isdir(f"/proc/{parent}/task") else []:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+def running(pid):
+    """Whether a process exists and is not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def wait_until_gone(pids, timeout=30):
+    """Wait for processes to end (the kernel ends them asynchronously); AssertionError naming those
+    still running after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while any(map(running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [pid for pid in pids if running(pid)]
+    assert not left, f"processes still running {timeout} s after their parent ended: {left}"
+
+
 class Child:
     """A command in its own process group with its stdout and stderr as Lines; leaving the block
     kills what is left of the group (a hung child, or ranks its launcher left behind)."""

@@ -1,21 +1,35 @@
 """Run train.py and hold it still at a chosen point until told to go on, so that a test can act
 while a run is certainly in progress (start a second run on its folder, say) without sleeping.
 
-    python tests/pause.py N -- TRAIN ARGS   # before the Nth training forward pass: print "paused",
-                                            # then wait for a line on stdin
+    python tests/pause.py N -- TRAIN ARGS     # before the Nth training forward pass: print "paused",
+                                              # then wait for a line on stdin
+    python tests/pause.py fill -- TRAIN ARGS  # each image cache worker process, at its first image:
+                                              # print "filling PID", then wait until it is killed
 """
 import os
 import sys
+import threading
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import data  # noqa: E402
 import train  # noqa: E402
 
 
-def main():
-    n, sep, *train_args = sys.argv[1:]
-    assert sep == "--", sys.argv
-    n, calls, caption_loss = int(n), [0], train.caption_loss
+def hold_fill_workers():
+    parent, open_image = os.getpid(), data.open_image
+
+    def held_open(source, **options):
+        if os.getpid() != parent:  # a forked worker of the fill (they inherit this function)
+            print(f"filling {os.getpid()}", flush=True)
+            threading.Event().wait()  # until killed: by the parent, or by the kernel when the parent is gone
+        return open_image(source, **options)
+
+    data.open_image = held_open
+
+
+def hold_training(n):
+    calls, caption_loss = [0], train.caption_loss
 
     def paused_loss(model, batch, num_tokens, **kwargs):
         if model.training:
@@ -26,6 +40,12 @@ def main():
         return caption_loss(model, batch, num_tokens, **kwargs)
 
     train.caption_loss = paused_loss
+
+
+def main():
+    point, sep, *train_args = sys.argv[1:]
+    assert sep == "--", sys.argv
+    hold_fill_workers() if point == "fill" else hold_training(int(point))
     train.main(train_args)
 
 

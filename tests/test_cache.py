@@ -97,16 +97,20 @@ DAMAGE = {
     "longer": lambda entry: open(entry / "pixels.u8", "ab").write(b"\0" * 10),
     "bit flipped": lambda entry: flip_bit(entry / "pixels.u8", os.path.getsize(entry / "pixels.u8") // 2),
     "index unreadable": lambda entry: (entry / "index.json").write_text('{"shape": [40, 3, 64'),
+    # One bit of a caption ("a ..." -> "` ..."): the text still parses, and would be trained and scored on.
+    "caption bit flipped": lambda entry: flip_bit(entry / "index.json",
+                                                  (entry / "index.json").read_bytes().index(b'"captions": [["a ') + 15,
+                                                  mask=0x01),
     "pixels missing": lambda entry: os.remove(entry / "pixels.u8"),
 }
 
 
-def flip_bit(path, offset):
+def flip_bit(path, offset, mask=0x10):
     with open(path, "r+b") as f:
         f.seek(offset)
         byte = f.read(1)[0]
         f.seek(offset)
-        f.write(bytes([byte ^ 0x10]))
+        f.write(bytes([byte ^ mask]))
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))

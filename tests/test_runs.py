@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from transformers import AutoModelForCausalLM
 import batches
 import checkpoint
 import train
-from conftest import ROOT, Child
+from conftest import ROOT, Child, descendants, wait_until_gone
 
 # 60 scenes -> 54 train, 6 eval: batch 8 gives 7 micro-batches an epoch, so 12 steps cross one.
 RUN = ["--dataset", "synthetic", "--synthetic-size", "60", "--batch-size", "8", "--grad-accum", "1",
@@ -73,10 +74,63 @@ def test_a_second_run_on_a_busy_output_folder_is_refused_and_touches_nothing(tmp
     assert digests(out) == expected
 
 
+# 200 scenes: a train split of 180 rows is three chunks of the cache fill, so two worker processes fill it.
+FILL_RUN = ["--synthetic-size", "200", "--max-steps", "2", "--eval-steps", "2", "--save-steps", "2",
+            "--preprocessing-num-workers", "2"]
+
+
+@pytest.fixture(scope="module")
+def run_never_stopped(tmp_path_factory, tiny_model_dir):
+    """(output folder, cache folder, digests of the files of a run that was never stopped): the runs
+    of the test below use the same two paths, so that even training_args.json must come out the same."""
+    root = tmp_path_factory.mktemp("fill-stop")
+    out, cache = root / "run", root / "cache"
+    proc = subprocess.run(train_cmd(out, tiny_model_dir, *FILL_RUN), capture_output=True, text=True,
+                          env={**ENV, "GIT_CAPTION_CACHE": str(cache)}, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return out, cache, digests(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_run_stopped_while_the_cache_fills_leaves_no_process_and_no_lock(run_never_stopped, tiny_model_dir, stop):
+    out, cache, expected = run_never_stopped
+    shutil.rmtree(out)
+    shutil.rmtree(cache)  # this run fills it again, and is stopped while it does
+    env = {**ENV, "GIT_CAPTION_CACHE": str(cache)}
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "pause.py"), "fill", "--", *train_cmd(out, tiny_model_dir,
+                                                                                             *FILL_RUN)[2:]]
+    with Child(cmd, env=env) as child:
+        held = [child.stdout.read(300, until=lambda line: line.startswith("filling "))[-1] for _ in range(2)]
+        fillers = sorted(int(line.split()[1]) for line in held)
+        assert sorted(descendants(child.proc.pid)) == fillers  # both hold the run's and the cache's locks
+        os.kill(child.proc.pid, stop)  # to train.py alone, as `timeout`, `docker stop` or a scheduler send it
+        status = child.proc.wait(60)
+        if stop == signal.SIGTERM:
+            assert status == 0
+            said = child.stdout.read(30)
+            assert said[-1] == ("stopped by SIGTERM outside the training loop; no step was trained: run the same "
+                                "command again (the image cache keeps what it finished)\n"), said
+            assert "Traceback" not in "".join(child.stderr.read(30))
+            assert not any(".tmp-" in name for name in os.listdir(cache))  # the unfinished fill was removed
+        else:
+            assert status == -signal.SIGKILL
+        wait_until_gone(fillers)
+    # At once, the same command on the same folder and cache: neither refused nor waiting, and it ends
+    # as the run that was never stopped did.
+    again = subprocess.run(train_cmd(out, tiny_model_dir, *FILL_RUN), capture_output=True, text=True, env=env,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "waiting for another process" not in again.stdout + again.stderr
+    if stop == signal.SIGKILL:  # the killed fill's folder is named and removed
+        assert "the unfinished image cache fill of process" in again.stdout
+    assert digests(out) == expected
+
+
 def test_the_lock_is_released_when_the_run_ends_even_by_an_error(tmp_path, tiny_model_dir):
     with pytest.raises(SystemExit):  # a bad dataset stops the run after the lock was taken
         train.main([*RUN, "--model", tiny_model_dir, "--output-dir", str(tmp_path), "--dataset", str(tmp_path / "no")])
-    checkpoint.lock_folder(str(tmp_path)).close()  # free again, in this very process
+    checkpoint.release_folder(checkpoint.lock_folder(str(tmp_path)))  # free again, in this very process
 
 
 @pytest.fixture
