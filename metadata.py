@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import os
+import re
 
 import data
 
@@ -76,6 +77,10 @@ def jsonl_rows(text, shown, check_image):
             raise data.DataError(f"{shown} line {number}: not valid JSON ({e.msg}: column {e.colno})") from None
         if row.__class__ is not dict:
             raise data.DataError(f"{shown} line {number}: not a JSON object ({{...}}) but {json_kind(row)}")
+        # Only an escape makes a lone surrogate (the text was decoded as strict UTF-8), and surrogate escapes are
+        # \ud800-\udfff: a file json.dumps wrote with ensure_ascii has \u00e9 on every line, not worth a look.
+        if "\\ud" in line or "\\uD" in line:
+            check_surrogates(row, shown, number)
         if file_keys is None:
             file_keys = [k for k in row if is_file_key(k)] or ["file_name"]
         for key, value in row.items():
@@ -94,6 +99,39 @@ def jsonl_rows(text, shown, check_image):
             check_image(key, row.get(key), number)
         rows += 1
     return rows, [k for k in kind_of if not is_file_key(k)]
+
+
+# A UTF-16 surrogate, which json decodes from an escape like \udce9 when no other half pairs with it
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_surrogates(row, shown, number):
+    """DataError for a lone surrogate anywhere in a row: it is not a character, and pyarrow refuses the whole
+    block over it ("ArrowInvalid: JSON parse error: The surrogate pair in string is invalid. in row 3")."""
+    for key, value in row.items():
+        found = lone_surrogate(value) or lone_surrogate(key)
+        if found is None:
+            continue
+        code = ord(found)
+        # \udc80-\udcff is what Python's errors="surrogateescape" makes of a byte that is not UTF-8
+        why = (f"it stands for the byte 0x{code - 0xdc00:02x} of text that was not UTF-8 (Python's "
+               f"errors=\"surrogateescape\"): decode that text with its real encoding" if 0xdc80 <= code <= 0xdcff
+               else "write the character itself, or both halves of its UTF-16 pair")
+        raise data.DataError(f"{shown} line {number}: {key!r} holds \\u{code:04x}, a lone surrogate escape, "
+                             f"not a character; {why}")
+
+
+def lone_surrogate(value):
+    """The first surrogate in a decoded JSON value (strings, list items, object keys and values), or None."""
+    if value.__class__ is str:
+        found = SURROGATE.search(value)
+        return found and found.group()
+    items = value if value.__class__ is list else [*value, *value.values()] if value.__class__ is dict else ()
+    for item in items:
+        found = lone_surrogate(item)
+        if found:
+            return found
+    return None
 
 
 PLURALS = {"a string": "strings", "a number": "numbers", "a boolean": "booleans", "an object": "objects"}
@@ -147,7 +185,10 @@ class ImageFiles:
 
     def __init__(self, folder, shown):
         self.folder, self.shown, self.listed = folder, shown, {}
-        self.present = self.listing(folder)  # names known good: those of the metadata file's own folder, to start
+        # Names known good: those of the metadata file's own folder, to start; but not one holding a backslash,
+        # which `datasets` reads as a folder separator (metadata written on Windows): it looks for back/slash.jpg,
+        # not for the file back\slash.jpg (datasets 5.2, folder_based_builder: normpath(name).replace("\\", "/")).
+        self.present = {name for name in self.listing(folder) if "\\" not in name}
 
     def listing(self, folder):
         if folder not in self.listed:
@@ -173,6 +214,9 @@ class ImageFiles:
             folder, base = os.path.split(path)
             if base in self.listing(folder):
                 self.present.add(name)
+            elif "\\" in name and os.path.lexists(os.path.join(self.folder, name)):
+                missing_images[os.path.realpath(path)] = (f"on {where}, whose backslash datasets reads as a folder "
+                                                          f"separator: rename the file {name}")
             else:
                 missing_images[os.path.realpath(path)] = f"on {where}"
 

@@ -44,6 +44,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import re
 import sys
 from collections import Counter
@@ -238,8 +239,9 @@ def parse_args(argv=None):
                        help='.jsonl of {"image", "caption"} as infer.py --output writes; a row with an "error" '
                             'counts as empty')
     files.add_argument("--references",
-                       help='.jsonl of {"image", "caption"} or {"image", "captions": [...]}; repeated images add '
-                            'references')
+                       help='.jsonl of {"image", "caption"} or {"image", "captions": [...]} (repeated images add '
+                            'references), or an imagefolder\'s metadata.jsonl; images match by name or path ending, '
+                            'and those without a prediction count as empty')
     p.add_argument("--json", action="store_true", help="print one JSON object instead of name value lines")
     # Absent unless given, so that what was not given can come from the run's training_args.json.
     group = p.add_argument_group("scoring a model on a dataset, as train.py evaluates (defaults: the model "
@@ -267,6 +269,7 @@ def parse_args(argv=None):
     m("--no-cache", action="store_true")
     m("--exact-preprocessing", action=argparse.BooleanOptionalAction)
     m("--max-text-length", type=cli.positive_int)
+    m("--max-image-pixels", type=cli.non_negative_int, help=cli.MAX_IMAGE_PIXELS_HELP)
     m("--trust-remote-code", action="store_true")
     args = p.parse_args(argv)
     model_flags = sorted(set(vars(args)) - {"predictions", "references", "json"})
@@ -282,8 +285,8 @@ def parse_args(argv=None):
     return args
 
 
-def _read_jsonl(path):
-    """(line number, object) for each non-blank line."""
+def _read_jsonl(path, keys=("image",)):
+    """(line number, object) for each non-blank line; each object must name its image by one of `keys`."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.readlines()
@@ -296,13 +299,24 @@ def _read_jsonl(path):
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}:{number}: not JSON: {e.msg}")
-        if not isinstance(row, dict) or not isinstance(row.get("image"), str):
-            raise InputError(f'{path}:{number}: expected an object with an "image" string')
+        if not isinstance(row, dict) or not any(isinstance(row.get(k), str) for k in keys):
+            raise InputError(f"{path}:{number}: expected an object with an {' or '.join(map(json.dumps, keys))} string")
         yield number, row
 
 
-def load(predictions_path, references_path):
-    """(predictions, references) lists in prediction file order, matched by "image"."""
+# How many images a message names before "...": enough to recognise the pattern, one line all the same.
+SHOWN_NAMES = 3
+
+
+def shown_names(names):
+    return ", ".join(map(repr, names[:SHOWN_NAMES])) + (", ..." if len(names) > SHOWN_NAMES else "")
+
+
+def load(predictions_path, references_path, unpredicted=None):
+    """(predictions, references) lists: the predictions in file order, each with the references of its image,
+    then the images of the references that have no prediction, as empty captions (their names are appended to
+    `unpredicted` when a list is passed). An image is matched by its name, else by the end of its path
+    (match_images). A prediction without a reference is refused: nothing can score it."""
     preds = {}
     for number, row in _read_jsonl(predictions_path):
         if row["image"] in preds:
@@ -313,17 +327,69 @@ def load(predictions_path, references_path):
         preds[row["image"]] = caption
     if not preds:
         raise InputError(f"{predictions_path}: no predictions")
-    refs = {}
-    for number, row in _read_jsonl(references_path):
-        captions = row["captions"] if "captions" in row else [row.get("caption")]
+    refs, aliases = _read_references(references_path)
+    matched = match_images(list(preds), refs, aliases, predictions_path, references_path)
+    orphans = [image for image in preds if image not in matched]
+    if orphans:
+        raise InputError(f"{references_path}: no reference for {len(orphans)} image{'s' * (len(orphans) != 1)} of "
+                         f"{predictions_path}: {shown_names(orphans)}")
+    predicted = set(matched.values())
+    left = [image for image in refs if image not in predicted]
+    if unpredicted is not None:
+        unpredicted.extend(left)
+    # An image without a prediction is scored as an empty caption, as one that failed in infer.py: leaving it
+    # out would let a predictions file missing half the images score WER 0.
+    return ([*preds.values(), *[""] * len(left)], [refs[matched[image]] for image in preds] + [refs[r] for r in left])
+
+
+def _read_references(path):
+    """({image: its captions} in file order, {another name of an image: its image}). A line is {"image",
+    "caption"} or {"image", "captions": [...]}, or an imagefolder's metadata.jsonl row: "file_name", relative to
+    the file's folder (so also named joined with it), and its caption in "text" when there is no "caption(s)"."""
+    refs, aliases, folder = {}, {}, os.path.dirname(path)
+    for number, row in _read_jsonl(path, ("image", "file_name")):
+        in_folder = not isinstance(row.get("image"), str)
+        image = row["file_name"] if in_folder else row["image"]
+        if "captions" in row or "caption" in row or not in_folder:
+            captions = row["captions"] if "captions" in row else [row.get("caption")]
+            what = '"caption" must be a non-empty string or "captions" a list of them'
+        else:  # the column train.py's --text-column reads by default
+            captions = [row.get("text")] if isinstance(row.get("text"), str) else row.get("text")
+            what = '"text" must be a non-empty string or a list of them'
         if not isinstance(captions, list) or not all(isinstance(c, str) and normalize(c) for c in captions):
-            raise InputError(f'{references_path}:{number}: "caption" must be a non-empty string '
-                             f'or "captions" a list of them')
-        refs.setdefault(row["image"], []).extend(captions)
-    for image in preds:  # references of images without a prediction are not scored
-        if not refs.get(image):
-            raise InputError(f"{references_path}: no reference for image {image!r} from {predictions_path}")
-    return list(preds.values()), [refs[image] for image in preds]
+            raise InputError(f"{path}:{number}: {what}")
+        refs.setdefault(image, []).extend(captions)
+        if in_folder and folder:
+            aliases[os.path.join(folder, image)] = image
+    return refs, aliases
+
+
+def match_images(predicted, refs, aliases, predictions_path, references_path):
+    """{predicted image: its reference image}. The same name first (a reference's own or an alias); else the
+    reference whose path is the end of the prediction's, in whole components: infer.py writes the paths it was
+    given (/data/scenes/a/000001.png), a references file made from an imagefolder holds a/000001.png or
+    000001.png (never 01.png). An ambiguous match is refused, naming the image."""
+    by_path = {}  # a normalised path -> the reference images it names
+    for name, image in [*((r, r) for r in refs), *aliases.items()]:
+        by_path.setdefault(os.path.normpath(name), set()).add(image)
+    matched, claimed = {}, {}
+    for p in predicted:
+        image = p if p in refs else aliases.get(p)
+        if image is None:
+            parts = os.path.normpath(p).split("/")
+            found = set().union(*(by_path.get("/".join(parts[k:]), ()) for k in range(len(parts))))
+            if len(found) > 1:
+                raise InputError(f"{predictions_path}: image {p!r} matches {len(found)} images of {references_path} "
+                                 f"by the end of its path ({shown_names(sorted(found))}); give the references the "
+                                 f"predictions' full paths")
+            image = found.pop() if found else None
+        if image is None:
+            continue
+        if image in claimed:
+            raise InputError(f"{references_path}: image {image!r} matches two images of {predictions_path} "
+                             f"({claimed[image]!r} and {p!r}); give the references the predictions' full paths")
+        matched[p], claimed[image] = image, p
+    return matched
 
 
 FLAG_NAMES = {"gen_max_length": "--max-length", "eval_num_beams": "--num-beams"}  # ours, where they differ
@@ -339,10 +405,15 @@ def main(argv=None):
         import scoring
 
         return scoring.score_model(args)
+    unpredicted = []
     try:
-        scores = caption_scores(*load(args.predictions, args.references))
+        scores = caption_scores(*load(args.predictions, args.references, unpredicted))
     except InputError as e:
         cli.fail(str(e))
+    if unpredicted:
+        n = len(unpredicted)
+        print(f"warning: {n} image{'s' * (n != 1)} of {args.references} ha{'ve' if n != 1 else 's'} no prediction in "
+              f"{args.predictions}, scored as empty captions: {shown_names(unpredicted)}", file=sys.stderr)
     if args.json:
         print(json.dumps(scores))
     else:

@@ -19,7 +19,7 @@ from metrics import collapse_warning, evaluation_scores, flag_name
 # that wrote the model, so that OUT/best scores what the run reported for it.
 FROM_THE_RUN = ("dataset", "image_column", "text_column", "image_root", "eval_split", "test_size", "seed",
                 "synthetic_size", "precision", "eval_batch_size", "gen_max_length", "eval_num_beams",
-                "max_text_length", "exact_preprocessing")
+                "max_text_length", "exact_preprocessing", "max_image_pixels")
 
 
 def note(message):
@@ -29,6 +29,8 @@ def note(message):
 
 def score_model(given):
     """metrics.py --model: the scores train.py's evaluation gives the model, on the split asked for."""
+    if hasattr(given, "output"):  # before anything loads: writing it comes after minutes of generating
+        check_output(given.output)
     import time
 
     import run
@@ -179,7 +181,8 @@ def prepare(settings, table, what, processor):
     try:
         pixels, references = batches.prepare_split(table, settings.image_column, settings.text_column, what,
                                                    processor.image_processor, skipped, cache_dir, draft=draft,
-                                                   num_workers=settings.preprocessing_num_workers, notify=note)
+                                                   num_workers=settings.preprocessing_num_workers, notify=note,
+                                                   max_pixels=settings.max_image_pixels)
     except data.DataError as e:
         cli.fail(str(e))
     except OSError as e:
@@ -201,6 +204,24 @@ def image_labels(table, image_column, skipped, kept):
         labels += [data.image_cell(cell, i)[0] for i, cell in enumerate(batch[image_column], start)
                    if i not in left_out]
     return labels if len(labels) == kept else [f"item {k}" for k in range(kept)]
+
+
+def check_output(path):
+    """Fail unless --output can be written: its folder exists and takes a new file. The temporary file that
+    write_predictions will write and rename is created and removed, so a read-only folder shows here too."""
+    folder = os.path.dirname(path) or "."
+    if os.path.isdir(path):
+        cli.fail(f"--output {path!r}: is a folder")
+    if not os.path.isdir(folder):
+        cli.fail(f"--output {path!r}: {folder!r} is not a folder" if os.path.exists(folder)
+                 else f"--output {path!r}: no such folder {folder!r}")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w"):
+            pass
+        os.remove(tmp)
+    except OSError as e:
+        cli.fail(f"--output {path!r}: cannot create a file in {folder!r} ({e.strerror or e})")
 
 
 def write_predictions(path, labels, predictions, references):

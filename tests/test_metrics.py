@@ -1,12 +1,15 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
 import jiwer
 import pytest
 
+import metrics
+import scoring
 from metrics import caption_scores, normalize, wer
 
 METRICS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "metrics.py")
@@ -133,7 +136,7 @@ def test_cider_d_by_hand():
 # The command line
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, METRICS, *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, METRICS, *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -149,12 +152,14 @@ def test_cli_matches_caption_scores(tmp_path):
     refs = []
     for i, rs in enumerate(REFS):
         refs += [{"image": f"{i}.png", "captions": rs}] if i % 2 else [{"image": f"{i}.png", "caption": r} for r in rs]
-    refs.append({"image": "unpredicted.png", "caption": "ignored"})
+    refs.append({"image": "unpredicted.png", "caption": "scored as an empty caption"})
     p, r = write_jsonl(tmp_path / "p.jsonl", preds[::-1]), write_jsonl(tmp_path / "r.jsonl", refs)
-    expected = caption_scores(PREDS[::-1], REFS[::-1])
+    expected = caption_scores([*PREDS[::-1], ""], [*REFS[::-1], ["scored as an empty caption"]])
     out = run_cli("--predictions", p, "--references", r, "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == pytest.approx(expected)
+    assert out.stderr == (f"warning: 1 image of {r} has no prediction in {p}, scored as empty captions: "
+                          f"'unpredicted.png'\n")
     out = run_cli("--predictions", p, "--references", r)
     assert out.returncode == 0, out.stderr
     lines = [line.split() for line in out.stdout.splitlines()]
@@ -178,3 +183,98 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
         assert len(out.stderr.splitlines()) == 1 and needle in out.stderr and "Traceback" not in out.stderr
     out = run_cli("--predictions", p)
     assert out.returncode == 2 and len(out.stderr.splitlines()) == 1
+
+
+def test_cli_scores_images_without_a_prediction_as_empty_and_names_them(tmp_path):
+    # half the images predicted, all correctly: WER 0 if the others were left out
+    refs = [{"image": f"{i}.png", "caption": f"scene number {i}"} for i in range(8)]
+    preds = [{"image": f"{i}.png", "caption": f"scene number {i}"} for i in range(4)]
+    p, r = write_jsonl(tmp_path / "p.jsonl", preds), write_jsonl(tmp_path / "r.jsonl", refs)
+    out = run_cli("--predictions", p, "--references", r, "--json")
+    assert out.returncode == 0, out.stderr
+    expected = caption_scores([row["caption"] for row in preds] + [""] * 4, [row["caption"] for row in refs])
+    assert json.loads(out.stdout) == pytest.approx(expected) and expected["wer"] == pytest.approx(0.5)
+    assert out.stderr == (f"warning: 4 images of {r} have no prediction in {p}, scored as empty captions: "
+                          f"'4.png', '5.png', '6.png', ...\n")
+
+
+def test_cli_refuses_predictions_without_a_reference_counting_and_naming_them(tmp_path):
+    p = write_jsonl(tmp_path / "p.jsonl", [{"image": f"{i}.png", "caption": "x"} for i in range(6)])
+    r = write_jsonl(tmp_path / "r.jsonl", [{"image": "1.png", "caption": "x"}])
+    out = run_cli("--predictions", p, "--references", r)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == f"error: {r}: no reference for 5 images of {p}: '0.png', '2.png', '3.png', ...\n"
+
+
+def loaded(tmp_path, preds, refs, references_name="r.jsonl"):
+    """metrics.load on files of these rows: (predictions, references, the images without a prediction)."""
+    unpredicted = []
+    p, r = write_jsonl(tmp_path / "p.jsonl", preds), write_jsonl(tmp_path / references_name, refs)
+    return (*metrics.load(p, r, unpredicted), unpredicted)
+
+
+def test_images_match_by_the_end_of_their_path_in_whole_components(tmp_path):
+    # infer.py writes the paths it was given; a references file made from an imagefolder holds relative names
+    preds = [{"image": "/data/scenes/a/000001.png", "caption": "one"}, {"image": "/data/scenes/000002.png",
+             "caption": "two"}, {"image": "000003.png", "caption": "three"}]
+    refs = [{"image": "000003.png", "caption": "c"}, {"image": "000002.png", "caption": "b"},
+            {"image": "a/000001.png", "caption": "a"}, {"image": "01.png", "caption": "never /x/000001.png"}]
+    assert loaded(tmp_path, preds, refs) == (["one", "two", "three", ""],
+                                             [["a"], ["b"], ["c"], ["never /x/000001.png"]], ["01.png"])
+    with pytest.raises(metrics.InputError, match=r"r.jsonl: no reference for 1 image of .*p.jsonl: '/x/01.png'$"):
+        loaded(tmp_path, [{"image": "/x/01.png", "caption": "x"}], [{"image": "1.png", "caption": "x"}])
+    # an exact name wins over an ending
+    assert loaded(tmp_path, [{"image": "a/1.png", "caption": "x"}], [{"image": "1.png", "caption": "one"},
+                  {"image": "a/1.png", "caption": "a one"}])[:2] == (["x", ""], [["a one"], ["one"]])
+
+
+@pytest.mark.parametrize("preds, refs, problem", [
+    (["/x/1.png", "/y/1.png"], ["1.png"], r"r.jsonl: image '1.png' matches two images of .*p.jsonl \('/x/1.png' and "
+                                          r"'/y/1.png'\)"),
+    (["1.png", "/y/1.png"], ["1.png"], r"r.jsonl: image '1.png' matches two images of .*p.jsonl \('1.png' and "
+                                       r"'/y/1.png'\)"),
+    (["/x/a/1.png"], ["1.png", "a/1.png"], r"p.jsonl: image '/x/a/1.png' matches 2 images of .*r.jsonl by the end of "
+                                           r"its path \('1.png', 'a/1.png'\)"),
+], ids=["two predictions, one reference", "an exact and an ending", "two references, one prediction"])
+def test_an_ambiguous_match_is_refused_naming_the_image(tmp_path, preds, refs, problem):
+    with pytest.raises(metrics.InputError, match=problem):
+        loaded(tmp_path, [{"image": i, "caption": "x"} for i in preds], [{"image": i, "caption": "x"} for i in refs])
+    out = run_cli("--predictions", tmp_path / "p.jsonl", "--references", tmp_path / "r.jsonl")
+    assert out.returncode == 2 and out.stdout == "" and len(out.stderr.splitlines()) == 1
+    assert re.search(problem, out.stderr)
+
+
+def test_an_imagefolders_metadata_jsonl_is_a_references_file(tmp_path):
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    meta = [{"file_name": "a/1.png", "text": "a red circle"}, {"file_name": "1.png", "text": ["a blue square", "blue"]},
+            {"file_name": "2.png", "text": "unused", "caption": "a green star"},  # "caption" wins over "text"
+            {"file_name": "3.png", "text": "three"}]
+    # f"{folder}/a/1.png" ends with both a/1.png and 1.png: joined with the metadata file's folder it is a/1.png
+    preds = [{"image": f"{folder}/a/1.png", "caption": "a red circle"}, {"image": f"{folder}/1.png", "caption": "blue"},
+             {"image": "/elsewhere/2.png", "caption": "a green star"}]
+    assert loaded(tmp_path, preds, meta, "scenes/metadata.jsonl") == (
+        ["a red circle", "blue", "a green star", ""], [["a red circle"], ["a blue square", "blue"], ["a green star"],
+                                                      ["three"]], ["3.png"])
+    for row, problem in [({"file_name": "4.png", "text": "..."}, '"text" must be a non-empty string or a list'),
+                         ({"file_name": "4.png"}, '"text" must be a non-empty string or a list'),
+                         ({"text": "a red circle"}, 'expected an object with an "image" or "file_name" string')]:
+        with pytest.raises(metrics.InputError, match=f"scenes/metadata.jsonl:5: {re.escape(problem)}"):
+            loaded(tmp_path, preds, [*meta, row], "scenes/metadata.jsonl")
+
+
+def test_model_output_that_cannot_be_written_fails_before_anything_loads(tmp_path):
+    not_a_model = tmp_path / "not-a-model"  # an empty folder: loading it would fail, later, with another line
+    not_a_model.mkdir()
+    (tmp_path / "file").write_text("")
+    (tmp_path / "folder.jsonl").mkdir()
+    for output, problem in [(tmp_path / "missing" / "p.jsonl", f"no such folder '{tmp_path / 'missing'}'"),
+                            (tmp_path / "file" / "p.jsonl", f"'{tmp_path / 'file'}' is not a folder"),
+                            (tmp_path / "folder.jsonl", "is a folder")]:
+        out = run_cli("--model", not_a_model, "--dataset", "synthetic", "--output", output)
+        assert out.returncode == 2 and out.stdout == ""
+        assert out.stderr == f"error: --output '{output}': {problem}\n"
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    scoring.check_output(str(ok / "p.jsonl"))  # creates and removes the temporary file write_predictions uses
+    assert os.listdir(ok) == []
