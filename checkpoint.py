@@ -17,6 +17,8 @@ import random
 import re
 import shutil
 import socket
+import struct
+import zipfile
 
 import numpy as np
 import torch
@@ -214,3 +216,101 @@ def rotate_checkpoints(output_dir, limit, keep_steps=()):
 
 def load_training_state(path):
     return torch.load(os.path.join(path, STATE_FILE), weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading back: a folder that was cut short or damaged after it was written (a full disk elsewhere,
+# a copy that stopped, a bad block) is named by its file before anything loads it. Loaders name
+# none: safetensors says "SafetensorError: incomplete metadata", torch "PytorchStreamReader failed",
+# transformers a JSONDecodeError, each in a long traceback.
+
+def damaged_file(folder, training_state=False):
+    """One line naming the first file of a model folder (or checkpoint, with training_state) that
+    cannot be whole, or None. Checked: every JSON file parses; every safetensors file is as long as
+    its header says; every torch zip (training_state.pt, pytorch_model.bin) has its central
+    directory and the crc32 of each record right. Weights that are whole but wrong are not caught
+    (safetensors stores no checksum)."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as e:
+        return f"{folder}: {e.strerror or e}"
+    if training_state and STATE_FILE not in names:
+        return f"{os.path.join(folder, STATE_FILE)} is missing"
+    for name in names:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        if name.endswith(".json"):
+            problem = json_problem(path)
+        elif name.endswith(".safetensors"):
+            problem = safetensors_problem(path)
+        elif name == STATE_FILE and training_state or name.endswith(".bin") and starts_with(path, b"PK\x03\x04"):
+            problem = zip_problem(path)  # a .bin of torch before 1.6 is a plain pickle: not checked
+        else:
+            continue
+        if problem:
+            return f"{path}: {problem}"
+    return None
+
+
+def json_problem(path):
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if not raw.strip():
+            return "empty"
+        json.loads(raw)
+    except OSError as e:
+        return e.strerror or str(e)
+    except UnicodeDecodeError:
+        return "not UTF-8 text"
+    except json.JSONDecodeError as e:
+        return f"not valid JSON ({e.msg}: line {e.lineno} column {e.colno})"
+    return None
+
+
+def safetensors_problem(path):
+    """A safetensors file is an 8-byte header length, a JSON header of tensors with their byte ranges,
+    then the bytes: a file cut short (or padded) has another size than the header adds up to."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            if size < 8:
+                return f"cut short ({size} bytes), not a safetensors file"
+            (header_bytes,) = struct.unpack("<Q", f.read(8))
+            if header_bytes > size - 8:
+                return f"cut short: its header alone needs {header_bytes + 8:,} bytes, the file has {size:,}"
+            header = json.loads(f.read(header_bytes))
+    except OSError as e:
+        return e.strerror or str(e)
+    except (ValueError, UnicodeDecodeError):
+        return "its header is not valid JSON: not a whole safetensors file"
+    try:
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, AttributeError):
+        return "its header does not describe tensors: not a whole safetensors file"
+    if 8 + header_bytes + end != size:
+        return (f"{size:,} bytes where its header says {8 + header_bytes + end:,}: "
+                + ("cut short" if size < 8 + header_bytes + end else "longer than written"))
+    return None
+
+
+def starts_with(path, magic):
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return True  # let the check name the error
+
+
+def zip_problem(path):
+    """torch.save writes a zip archive: its directory is at the end (a file cut short has none) and
+    every record carries a crc32."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except zipfile.BadZipFile:
+        return "cut short or damaged: not a whole torch.save archive"
+    except (OSError, EOFError) as e:
+        return f"unreadable ({getattr(e, 'strerror', None) or e})"
+    return f"damaged: record {bad} does not match its checksum" if bad else None

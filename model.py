@@ -125,6 +125,7 @@ def load_model(name, dtype=None, trust_remote_code=False, attention="eager"):
     from transformers import AutoModelForCausalLM, AutoProcessor
 
     from attention import set_attention
+    from checkpoint import damaged_file
     from hub import looks_like_path
 
     if looks_like_path(name):
@@ -132,6 +133,9 @@ def load_model(name, dtype=None, trust_remote_code=False, attention="eager"):
             raise ModelLoadError(f"model folder {name!r} does not exist")
         if not os.path.isfile(os.path.join(name, "config.json")):
             raise ModelLoadError(f"model folder {name!r} has no config.json (was it written by save_pretrained?)")
+        problem = damaged_file(name)
+        if problem:
+            raise ModelLoadError(f"{problem}; the model folder cannot be loaded")
     try:
         # An explicit False: None would ask on the terminal whether to run the code.
         processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)

@@ -202,10 +202,13 @@ def prepare_output_dir(args, rank, world):
     if args.resume == "latest":
         if not existing:
             fail(f"--resume: no complete checkpoint in {args.output_dir!r} to continue from")
-        resume_from = existing[-1][1]
+        resume_from = newest_whole_checkpoint(existing)
     elif args.resume is not None:
         if not os.path.isfile(os.path.join(args.resume, checkpoint.STATE_FILE)):
             fail(f"--resume: {args.resume!r} is not a checkpoint folder (no {checkpoint.STATE_FILE})")
+        problem = checkpoint.damaged_file(args.resume, training_state=True)
+        if problem:
+            fail(f"--resume: {problem}; the checkpoint cannot be resumed from")
         resume_from = args.resume
     elif existing and not args.overwrite_output_dir:
         fail(f"{args.output_dir!r} already holds checkpoints of a run; pass --resume to continue it "
@@ -219,11 +222,25 @@ def prepare_output_dir(args, rank, world):
     return resume_from
 
 
+def newest_whole_checkpoint(existing):
+    """The newest of the (step, path) checkpoints whose files are whole; each damaged one newer than it
+    is named (every rank checks, rank 0 says so). None whole: one line, the run stops."""
+    import checkpoint
+
+    for _, path in reversed(existing):
+        problem = checkpoint.damaged_file(path, training_state=True)
+        if not problem:
+            return path
+        say(f"--resume: skipping {os.path.basename(path)}, it is damaged ({problem}); trying the one before it")
+    fail(f"--resume: every checkpoint in {os.path.dirname(existing[0][1])!r} is damaged (see above); "
+         f"start a new run, or --model a folder of weights")
+
+
 # Flags that decide which samples a step sees, or what a step computes. Resuming with another
 # value would quietly make a run that is neither the old one nor a new one, so it is refused;
 # every other flag may change (intervals, limits, workers, devices) and is said once.
 FIXED_ON_RESUME = ("dataset", "image_root", "image_column", "text_column", "test_size", "synthetic_size",
-                   "on_bad_sample", "caption_sampling", "exact_preprocessing", "model", "freeze_vision",
+                   "on_bad_sample", "caption_sampling", "exact_preprocessing", "max_image_pixels", "model", "freeze_vision",
                    "max_text_length", "batch_size", "grad_accum", "seed", "learning_rate", "lr_schedule",
                    "warmup_steps", "weight_decay", "max_grad_norm", "metric_for_best")
 NOT_COMPARED = ("resume", "overwrite_output_dir", "output_dir", "hub_model_id")
@@ -307,7 +324,8 @@ def make_loaders(args, tables, processor, device, rank, world):
             try:
                 prepared.append(batches.prepare_split(table, args.image_column, args.text_column, what,
                                                       processor.image_processor, skipped, cache_dir, draft=draft,
-                                                      num_workers=workers, notify=say))
+                                                      num_workers=workers, notify=say,
+                                                      max_pixels=args.max_image_pixels))
             except data.DataError as e:
                 fail(str(e))
             except OSError as e:

@@ -26,7 +26,7 @@ import hub
 import report
 from cli import fail, say
 from model import TINY_PRESETS
-from progress import Meter, StopOnSignal, compile_seconds
+from progress import Meter, RaiseOnSignal, StopOnSignal, Stopped, compile_seconds
 from run import empty_window, setup, written
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -91,6 +91,7 @@ def parse_args(argv=None, **defaults):
     a("--exact-preprocessing", action="store_true",
       help="decode JPEGs at full size before resizing, so pixels equal the image processor's own output "
            "(slower; by default a large JPEG is decoded at 1/2, 1/4 or 1/8 size, see README: Data)")
+    a("--max-image-pixels", type=cli.non_negative_int, default=cli.MAX_IMAGE_PIXELS, help=cli.MAX_IMAGE_PIXELS_HELP)
     a("--max-text-length", type=cli.positive_int, default=64, help="captions are truncated to this many tokens")
     a("--gen-max-length", type=cli.positive_int, default=50, help="max_length for model.generate at evaluation")
     a("--eval-num-beams", type=cli.positive_int, default=1,
@@ -448,11 +449,28 @@ def main(argv=None):
         fail(f"--push-to-hub: {hub.push_problem()}")  # before hours of training, not after
     if not args.push_to_hub:
         hub.offline_unless_needed(*[n for n in (args.dataset, args.model) if n != "synthetic" and n not in TINY_PRESETS])
-    with setup(args) as (run, state):
-        meter = Meter(compile_seconds if args.compile else None)
-        stopped_by = train(run, state, meter)
-        finish(run, state, meter, stopped_by)
+    with RaiseOnSignal():  # the loop stops at a step boundary; anywhere else a signal unwinds to one line
+        try:
+            # A rank lost under torchrun (killed, out of memory) ends the others with one line, not gloo's traceback.
+            with distributed.one_line_if_a_rank_is_lost(args.output_dir), setup(args) as (run, state):
+                meter = Meter(compile_seconds if args.compile else None)
+                stopped_by = train(run, state, meter)
+                finish(run, state, meter, stopped_by)
+        except Stopped as e:
+            stopped_outside_the_loop(args.output_dir, e.name)
+            return None
     return state.best
+
+
+def stopped_outside_the_loop(output_dir, signal_name):
+    """The line for a stop while data and model load, the image cache fills, or the last checkpoint is
+    written: what was being written is removed, so the newest complete checkpoint is where to go on from."""
+    import checkpoint
+
+    existing = checkpoint.list_checkpoints(output_dir)
+    say(f"stopped by {signal_name} outside the training loop; "
+        + (f"the newest complete checkpoint is {existing[-1][1]}: continue with the same command plus --resume"
+           if existing else "no step was trained: run the same command again (the image cache keeps what it finished)"))
 
 
 if __name__ == "__main__":

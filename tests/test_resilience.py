@@ -2,7 +2,9 @@
 and torchrun data parallelism on CPU (gloo) against one process."""
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -12,8 +14,10 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import checkpoint
+import infer
+import metrics
 import train
-from conftest import ROOT, Child
+from conftest import ROOT, TRAINED_RUN, Child
 
 # 89 scenes -> 80 train, 9 eval. Batch 8 with 2 micro-batches a step: 5 steps an epoch, so the
 # runs below cross an epoch boundary; logging every 2 steps and saving every 3 puts the logging
@@ -128,6 +132,70 @@ def test_resume_restores_a_folder_a_crash_left_half_replaced(tmp_path):
                       "removed metrics.jsonl.tmp-9: an interrupted write"]
 
 
+def cut_in_half(path):
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def flip_middle_byte(path):
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x01]))
+
+
+# What a copy that stopped, a full disk or a bad block leaves: (file, damage, the reason named)
+DAMAGE = {"weights cut short": ("model.safetensors", cut_in_half, "cut short"),
+          "empty config": ("config.json", lambda path: open(path, "w").close(), "empty"),
+          "state cut short": (checkpoint.STATE_FILE, cut_in_half, "cut short or damaged: not a whole torch.save"),
+          "state bit flipped": (checkpoint.STATE_FILE, flip_middle_byte, "does not match its checksum")}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_checkpoint_file_is_named(trained_run, tmp_path, damage):
+    name, spoil, reason = DAMAGE[damage]
+    folder = tmp_path / "checkpoint-500"
+    shutil.copytree(os.path.join(trained_run, "checkpoint-500"), folder)
+    assert checkpoint.damaged_file(str(folder), training_state=True) is None
+    spoil(folder / name)
+    problem = checkpoint.damaged_file(str(folder), training_state=True)
+    assert problem.startswith(f"{folder / name}: ") and reason in problem, problem
+    # As a model folder (infer.py, metrics.py --model) the training state is not its business.
+    assert (checkpoint.damaged_file(str(folder)) is None) == (name == checkpoint.STATE_FILE)
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_and_names_a_damaged_one_given(trained_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out, ignore=shutil.ignore_patterns("best"))
+    cut_in_half(out / "checkpoint-500" / "model.safetensors")
+    args = [*TRAINED_RUN, "--output-dir", str(out), "--max-steps", "251", "--num-examples", "0"]
+    with pytest.raises(SystemExit) as e:
+        train.main([*args, "--resume", str(out / "checkpoint-500")])
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: --resume: {out / 'checkpoint-500' / 'model.safetensors'}: ")
+    assert err[0].endswith(": cut short; the checkpoint cannot be resumed from"), err
+    train.main([*args, "--resume"])
+    said = capsys.readouterr().out
+    assert f"--resume: skipping checkpoint-500, it is damaged ({out / 'checkpoint-500' / 'model.safetensors'}: " in said
+    assert f"resumed from {out / 'checkpoint-250'} at step 250" in said
+    assert os.path.isfile(out / "checkpoint-251" / checkpoint.STATE_FILE)
+
+
+def test_a_damaged_model_folder_is_one_line_in_infer_and_metrics(trained_run, tmp_path, capsys):
+    best = tmp_path / "best"
+    shutil.copytree(os.path.join(trained_run, "best"), best)
+    cut_in_half(best / "model.safetensors")
+    expected = f"error: {best / 'model.safetensors'}: "
+    for main, argv in ((infer.main, ["--model", str(best), os.path.join(ROOT, "README.md")]),
+                       (metrics.main, ["--model", str(best)])):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.splitlines()
+        assert e.value.code == 2 and len(err) == 1, err
+        assert err[0].startswith(expected) and err[0].endswith("cut short; the model folder cannot be loaded"), err
+
+
 def test_rotation_keeps_the_checkpoint_the_run_resumed_from(tmp_path, tiny_model_dir):
     # Evaluated at the end of each run only, and the loss falls: the best moves from 3 to 8, so
     # checkpoint-3 survives the limit of 1 for being the one resumed from, not for being the best.
@@ -220,6 +288,46 @@ def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step_with_a_checkpo
     step = int(stopped[0].split(" at step ")[1].split(";")[0])
     assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{step}"]
     assert len(final_state(out, step)["rng"]) == 2  # both ranks reached the save together
+
+
+def worker_pid(torchrun_pid, rank):
+    """The process of one torchrun rank: the child of torchrun whose environment holds RANK=rank (Linux /proc)."""
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue  # ended while we looked, or not ours to read
+        if parent == torchrun_pid and f"RANK={rank}".encode() in environ:
+            return int(entry)
+    raise AssertionError(f"torchrun (process {torchrun_pid}) has no child with RANK={rank}")
+
+
+@pytest.mark.slow
+def test_torchrun_a_rank_killed_leaves_one_line_naming_it_on_the_other(tmp_path, tiny_model_dir):
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    # --redirects 2: each rank's stderr goes to its own file, apart from torchrun's report (which
+    # has a traceback of its own).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--redirects", "2",
+           "--log-dir", str(logs), os.path.join(ROOT, "train.py"), *RUN, "--model", tiny_model_dir,
+           "--output-dir", str(out), "--max-steps", "40", "--logging-steps", "1", "--save-steps", "2",
+           "--eval-steps", "1000"]
+    with Child(cmd, env={**ENV, "OMP_NUM_THREADS": "1"}) as child:
+        child.stdout.read(timeout=300, until=lambda line: line.startswith("step 3/"))  # checkpoint-2 is written
+        victim = worker_pid(child.proc.pid, rank=1)
+        os.kill(victim, signal.SIGKILL)
+        child.stdout.read(timeout=120)  # torchrun ends when rank 0 has
+        assert child.proc.wait(timeout=60) != 0
+    [survivor] = logs.glob("*/attempt_0/0/stderr.log")
+    err = survivor.read_text()
+    assert "Traceback" not in err, err
+    m = re.fullmatch(rf"error: rank 1 \(process {victim} on this machine\) is gone; the checkpoints written before are "
+                     rf"intact \(the newest is ({re.escape(str(out))}/checkpoint-\d+)\): run the same torchrun command "
+                     rf"with --resume\n", err)
+    assert m, err
+    assert os.path.isfile(os.path.join(m[1], checkpoint.STATE_FILE))
 
 
 def test_fp16_resume_restores_the_grad_scaler(tmp_path, tiny_model_dir):
