@@ -72,19 +72,20 @@ class CacheDamaged(OSError):
     """A cache entry that is incomplete or does not match its checksums; the message says how."""
 
 
-def cache_key(table, image_column, text_column, image_processor, draft=None):
+def cache_key(table, image_column, text_column, image_processor, draft=None, max_pixels=data.MAX_IMAGE_PIXELS):
     """Names the preprocessed form of a split: the table's datasets fingerprint (content, files and
-    their modification times, split arguments) and everything that shapes the pixels."""
+    their modification times, split arguments), everything that shapes the pixels, and the pixel
+    limit, which decides the rows left out."""
     import hashlib
 
     settings = {k: v for k, v in image_processor.to_dict().items() if not k.startswith("_")}
-    ident = json.dumps([CACHE_VERSION, table._fingerprint, image_column, text_column, settings, draft],
+    ident = json.dumps([CACHE_VERSION, table._fingerprint, image_column, text_column, settings, draft, max_pixels],
                        sort_keys=True, default=str)
     return hashlib.sha256(ident.encode()).hexdigest()[:20]
 
 
 def prepare_split(table, image_column, text_column, what, image_processor, skipped=None, cache_dir=None, chunk=64,
-                  draft=None, num_workers=0, verify=None, notify=None):
+                  draft=None, num_workers=0, verify=None, notify=None, max_pixels=data.MAX_IMAGE_PIXELS):
     """Decode, resize and crop every image once -> (uint8 pixels (N, 3, H, W), captions).
 
     Bad rows raise (the first, naming it) or are described in `skipped`, as in read_rows. With
@@ -95,6 +96,7 @@ def prepare_split(table, image_column, text_column, what, image_processor, skipp
     draft: the shortest edge to decode JPEGs at least at (data.draft_size(image_processor)): a
       large JPEG is decoded at 1/2, 1/4 or 1/8 size, then resized and cropped by the processor as
       usual. None decodes every pixel: the processor's own output exactly.
+    max_pixels: an image that would decode to more pixels is a bad row (data.open_image).
     num_workers: processes that decode `chunk` rows at a time and write their pixels in place
       (0 or 1: this process). Row order, captions and skipped rows do not depend on it.
     verify: check the cached pixels against their checksums: True always, False never (the size
@@ -103,7 +105,8 @@ def prepare_split(table, image_column, text_column, what, image_processor, skipp
       leftover removed, waiting for another process); default: printed on stderr."""
     check_columns(table, image_column, text_column, what)
     notify = notify or _print_line
-    job = Fill(image_processor, image_column, text_column, what, draft, skipped is None, row_shape(image_processor))
+    job = Fill(image_processor, image_column, text_column, what, draft, skipped is None, row_shape(image_processor),
+               max_pixels=max_pixels)
     if not cache_dir:
         job.slots = MemorySlots(len(table) * job.row_bytes)
         kept, captions, bad, _ = fill(table, job, chunk, num_workers)
@@ -111,7 +114,8 @@ def prepare_split(table, image_column, text_column, what, image_processor, skipp
         return job.slots.array(kept, job.shape), captions
     os.makedirs(cache_dir, exist_ok=True)
     remove_leftovers(cache_dir, notify)
-    folder = os.path.join(cache_dir, f"{what}-{cache_key(table, image_column, text_column, image_processor, draft)}")
+    key = cache_key(table, image_column, text_column, image_processor, draft, max_pixels)
+    folder = os.path.join(cache_dir, f"{what}-{key}")
     try:
         entry = open_entry(folder, verify)
     except CacheDamaged:
@@ -156,6 +160,7 @@ class Fill:
     stop_at_bad: bool = True  # no `skipped` list: the first bad row ends the fill
     shape: tuple = (3, 1, 1)
     slots: object = None
+    max_pixels: int = data.MAX_IMAGE_PIXELS
 
     @property
     def row_bytes(self):
@@ -249,10 +254,10 @@ def read_cells(job, i, image_cell, caption_cell):
     refs = data.caption_refs(caption_cell)
     if job.draft and source is not None and refs:
         try:
-            return data.open_image(source, draft=job.draft), refs
+            return data.open_image(source, draft=job.draft, max_pixels=job.max_pixels), refs
         except DataError:
             pass  # read_row opens it again, in full, and names the row as it does
-    return data.read_row(row, i, job.image_column, job.text_column, job.what)
+    return data.read_row(row, i, job.image_column, job.text_column, job.what, job.max_pixels)
 
 
 def chunk_result(future, what, start, n):

@@ -11,6 +11,10 @@ import sys
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTIONS = ("auto", "sdpa", "eager")
+# --max-image-pixels' default (data.py says why); here, so that --help answers without importing PIL.
+MAX_IMAGE_PIXELS = 40_000_000
+MAX_IMAGE_PIXELS_HELP = ("refuse an image that would decode to more pixels than this, as a bad row (a JPEG counts "
+                         "at the reduced size it is decoded at); 0: no limit")
 ATTENTION_HELP = ("sdpa: GIT's attention through torch's fused scaled_dot_product_attention (same weights, same "
                   "results); eager: transformers' own; auto: sdpa on CUDA, eager on a CPU, where it measured "
                   "faster (README: Attention and compiling)")

@@ -14,10 +14,12 @@ reads it, so that a bad line is reported by its number instead of as a pyarrow o
     python data.py preview --dataset scenes/ --n 5 --out samples.png   # the guide's row of captioned images
     python data.py stats --dataset scenes/                # split sizes, caption lengths, image sizes, bad rows
 """
+import contextlib
 import io
 import json
 import math
 import os
+import stat
 import sys
 
 import numpy as np
@@ -33,6 +35,14 @@ from metrics import normalize
 
 SYNTHETIC = "synthetic"
 EVAL_SPLIT_NAMES = ("validation", "valid", "val", "test")
+# --max-image-pixels: an image that would decode to more pixels than this is refused before it is
+# decoded. A 12000 x 12000 PNG of 140 KB took 2.4 GB to decode in each process; 40 Mpx of RGB is
+# 120 MB. A JPEG counts at the size it is drafted to (see open_image), so a 200 Mpx photo, decoded
+# at 1/8, passes. PIL's own limit (a warning at 89 Mpx, an error at 179) gives way to this one.
+MAX_IMAGE_PIXELS = cli.MAX_IMAGE_PIXELS
+Image.MAX_IMAGE_PIXELS = None
+FILE_KINDS = {stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+              stat.S_ISSOCK: "a socket"}
 
 
 class DataError(Exception):
@@ -59,20 +69,29 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-def open_image(source, draft=None):
+def open_image(source, draft=None, max_pixels=MAX_IMAGE_PIXELS):
     """A path, bytes, or an already decoded PIL image -> RGB PIL image. Raises DataError.
 
     draft: the shortest edge the caller will resize to. A JPEG far larger than that is then
     decoded at 1/2, 1/4 or 1/8 of its size by the JPEG decoder itself (PIL's Image.draft), never
     below `draft` pixels on either side: several times faster than decoding every pixel and
-    throwing most of them away in the resize."""
+    throwing most of them away in the resize.
+    max_pixels: refuse an image that would decode to more pixels than this (None or 0: any size).
+    A path is read only if it is a regular file: a FIFO or a device would block the read forever."""
     name = source if isinstance(source, str) else "image"
     try:
         if isinstance(source, Image.Image):
             return to_rgb(source)
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+        with contextlib.closing(io.BytesIO(source) if isinstance(source, bytes) else regular_file(source)) as f, \
+                Image.open(f) as img:  # PIL leaves a file object it is given open
+            stored = img.size
             if draft and img.format == "JPEG":
                 img.draft(None, (draft, draft))
+            if max_pixels and img.width * img.height > max_pixels:
+                raise DataError(f"{name}: refused, too many pixels: {stored[0]} x {stored[1]} is "
+                                f"{stored[0] * stored[1] / 1e6:.1f} Mpx"
+                                + (f" (decoded at {img.width} x {img.height})" if img.size != stored else "")
+                                + f", over --max-image-pixels {max_pixels:,}")
             img.load()
             return to_rgb(img)
     except FileNotFoundError:
@@ -83,6 +102,20 @@ def open_image(source, draft=None):
         raise DataError(f"{name}: refused, too many pixels ({e})") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{name}: not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def regular_file(path):
+    """The file at path opened for reading, if it is a regular file; DataError naming what it is if not.
+    Opened without blocking and then looked at, so that a FIFO with no writer cannot hold the open."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(path)
+        kind = next((what for test, what in FILE_KINDS.items() if test(mode)), "not a regular file")
+        raise DataError(f"{path}: {kind}, not an image file; only regular files are read")
+    return os.fdopen(fd, "rb")
 
 
 def draft_size(image_processor):
@@ -398,7 +431,7 @@ def good_rows(ds, image_column, text_column, what, skipped=None):
             skipped.append(str(e))
 
 
-def read_row(row, i, image_column, text_column, what):
+def read_row(row, i, image_column, text_column, what, max_pixels=MAX_IMAGE_PIXELS):
     label, source = image_cell(row[image_column], i)
     if source is None:
         raise DataError(f"{what} row {i}: column {image_column!r} is empty")
@@ -408,7 +441,7 @@ def read_row(row, i, image_column, text_column, what):
     if not refs:
         raise DataError(f"{what} row {i} ({label}): {no_caption(row[text_column], text_column)}")
     try:
-        return open_image(source), refs
+        return open_image(source, max_pixels=max_pixels), refs
     except DataError as e:
         raise DataError(f"{what} row {i} ({image_label(label, source)}): {str(e).split(': ', 1)[-1]}") from None
 

@@ -54,6 +54,7 @@ def parse_args(argv=None):
     a("--exact-preprocessing", action="store_true",
       help="decode JPEGs at full size before resizing, so pixels equal the image processor's own output "
            "(slower; by default a large JPEG is decoded at 1/2, 1/4 or 1/8 size)")
+    a("--max-image-pixels", type=cli.non_negative_int, default=cli.MAX_IMAGE_PIXELS, help=cli.MAX_IMAGE_PIXELS_HELP)
     a("--max-length", type=cli.positive_int, default=50, help="max_length for model.generate (caption tokens)")
     a("--num-beams", type=cli.positive_int, default=1)
     a("--do-sample", action="store_true", help="sample instead of greedy/beam search")
@@ -128,22 +129,47 @@ def fetch(url, timeout, max_bytes):
     return body
 
 
-def load_input(item, timeout=20.0, max_bytes=50 << 20, draft=None):
+def load_input(item, timeout=20.0, max_bytes=50 << 20, draft=None, max_pixels=cli.MAX_IMAGE_PIXELS):
     """An RGB PIL image from a path, URL or PIL image; raises DataError naming the input.
     draft: the shortest edge the image will be resized to (see data.open_image)."""
     from data import DataError, open_image
 
     if is_url(item):
         try:
-            return open_image(fetch(item, timeout, max_bytes), draft=draft)
+            return open_image(fetch(item, timeout, max_bytes), draft=draft, max_pixels=max_pixels)
         except DataError as e:
             message = str(e)
             raise DataError(message if message.startswith(item) else f"{item}: {message.split(': ', 1)[-1]}") from None
-    return open_image(item, draft=draft)
+    return open_image(item, draft=draft, max_pixels=max_pixels)
 
 
 def new_row(image):
-    return {"image": image, "caption": None, "captions": [], "error": None}
+    return {"image": shown_name(image), "caption": None, "captions": [], "error": None}
+
+
+# Characters a name may hold that would break a line of output or its encoding: C0 and C1 controls
+# (a newline, a tab, ESC), DEL, the Unicode line and paragraph separators (str.splitlines splits on them).
+_BREAKING = {*range(0x20), 0x7F, *range(0x80, 0xA0), 0x2028, 0x2029}
+
+
+def shown_name(name):
+    """A file name as every output writes it (stdout's path<TAB>caption, --json, --output): as it is,
+    but for a byte that is not UTF-8 (Python holds it as a lone surrogate, caf\udce9) and a control
+    character, which are written as Python escapes (caf\xe9.jpg, a\nb.jpg). So each name stays on
+    its line, every output is valid UTF-8, and --resume and metrics.py match the names again."""
+    if all(ord(ch) not in _BREAKING and not 0xD800 <= ord(ch) <= 0xDFFF for ch in name):
+        return name
+    out = []
+    for ch in name:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # surrogateescape's stand-in for the undecodable byte code - 0xDC00
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code in _BREAKING or 0xD800 <= code <= 0xDFFF:
+            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(ch) or
+                       (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"))
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 class Reader:
@@ -151,8 +177,9 @@ class Reader:
     or None). An unreadable input is a row with its error, not an exception, so that it leaves the
     other images of its batch alone. A plain class: importing infer must not import torch."""
 
-    def __init__(self, items, draft=None, timeout=20.0, max_bytes=50 << 20):
+    def __init__(self, items, draft=None, timeout=20.0, max_bytes=50 << 20, max_pixels=cli.MAX_IMAGE_PIXELS):
         self.items, self.draft, self.timeout, self.max_bytes = items, draft, timeout, max_bytes
+        self.max_pixels = max_pixels
 
     def __len__(self):
         return len(self.items)
@@ -164,9 +191,9 @@ class Reader:
         name = item if isinstance(item, str) else "image"  # the name open_image gives a PIL input
         row = new_row(item if isinstance(item, str) else f"image {i}")
         try:
-            return row, load_input(item, self.timeout, self.max_bytes, self.draft)
+            return row, load_input(item, self.timeout, self.max_bytes, self.draft, self.max_pixels)
         except DataError as e:
-            row["error"] = str(e).removeprefix(f"{name}: ")
+            row["error"] = shown_name(str(e).removeprefix(f"{name}: "))
             return row, None
 
 
@@ -203,10 +230,10 @@ def loader(reader, image_processor, batch_size=16, num_workers=0):
         generator=torch.Generator())
 
 
-def reader_for(items, image_processor, exact=False, timeout=20.0, max_bytes=50 << 20):
+def reader_for(items, image_processor, exact=False, timeout=20.0, max_bytes=50 << 20, max_pixels=cli.MAX_IMAGE_PIXELS):
     from data import draft_size
 
-    return Reader(items, None if exact else draft_size(image_processor), timeout, max_bytes)
+    return Reader(items, None if exact else draft_size(image_processor), timeout, max_bytes, max_pixels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +311,7 @@ def captioned(model, processor, device, amp_dtype, batches, do_sample=False, see
 
 def caption(images, model="git-base-pokemon/best", device="auto", precision="auto", trust_remote_code=False,
             exact_preprocessing=False, num_workers=0, batch_size=16, timeout=20.0, max_download_mb=50.0,
-            attention="auto", **options):
+            attention="auto", max_image_pixels=cli.MAX_IMAGE_PIXELS, **options):
     """Captions for images (paths, URLs or PIL images): one string each, or a list of
     num_captions strings each when num_captions > 1. Raises data.DataError for an unreadable image.
     The same reading, preprocessing and batching as the command line, so the same captions;
@@ -293,7 +320,7 @@ def caption(images, model="git-base-pokemon/best", device="auto", precision="aut
 
     model_, processor, device_, amp_dtype = load(model, device, precision, trust_remote_code, attention)
     reader = reader_for(list(images), processor.image_processor, exact_preprocessing, timeout,
-                        int(max_download_mb * (1 << 20)))
+                        int(max_download_mb * (1 << 20)), max_image_pixels)
     results = []
     for rows in captioned(model_, processor, device_, amp_dtype,
                           loader(reader, processor.image_processor, batch_size, num_workers), **options):
@@ -364,12 +391,17 @@ def complete_rows(data, as_csv):
 class Output:
     """--output while a run writes it. Rows go to OUTPUT.partial, a batch per write, flushed, so a
     killed run keeps every row it captioned; when every input has its row the file is renamed to
-    OUTPUT. With resume, the complete rows already in OUTPUT.partial (or, when there is none, a
-    finished OUTPUT) are kept and counted as done, and a row cut off at the end is dropped.
-    Raises OSError, or RuntimeError when another run holds the file."""
+    OUTPUT. OUTPUT.settings.json records what the rows are made with (model, generation and
+    preprocessing flags), beside the partial file and then the finished one.
 
-    def __init__(self, path, resume=False):
+    With resume, the complete rows already in OUTPUT.partial (or, when there is none, a finished
+    OUTPUT) are kept and counted as done, and a row cut off at the end is dropped; a resume whose
+    settings differ from the record, or whose kept rows name images that are not among `items`,
+    is refused before anything is changed. Raises OSError, or RuntimeError saying why not."""
+
+    def __init__(self, path, items, settings, resume=False):
         self.path, self.partial, self.csv = path, f"{path}.partial", path.endswith(".csv")
+        self.record = f"{path}.settings.json"
         self.done, self.restarted = [], False
         existed = os.path.exists(self.partial)
         # "a+b" does not truncate: a second run on the same --output must fail on the lock below,
@@ -381,31 +413,34 @@ class Output:
             self.file.close()
             raise RuntimeError(f"another infer.py is writing {self.partial!r}") from None
         workers.hold(self.file)  # the reading workers forked later must not keep the lock after this process
+        try:
+            self.start(items, settings, resume, existed)
+        except BaseException:
+            if not existed:  # made by the open above: a later --resume must still find the finished OUTPUT
+                os.remove(self.partial)
+            self.close()  # a refused resume lets the file go, untouched
+            raise
+
+    def start(self, items, settings, resume, existed):
+        path = self.path
         self.file.seek(0)
-        kept = self.file.read()
+        kept, source = self.file.read(), self.partial
         if resume and not existed and os.path.isfile(path):
             with open(path, "rb") as f:
-                kept = f.read()
+                kept, source = f.read(), path
         if resume:
             self.done, size = complete_rows(kept, self.csv)
             kept = kept[:size]
+            self.pending, foreign = pending(items, self.done)
+            if self.done:
+                check_resume(source, self.record, settings, self.done, foreign)
         else:
-            self.restarted, kept = bool(kept), b""
+            self.restarted, kept, self.pending = bool(kept), b"", list(items)
+        write_json_atomically(self.record, settings)
         self.file.seek(0)
         self.file.truncate()
         self.file.write(kept or (format_header() if self.csv else b""))
         self.file.flush()
-
-    def pending(self, items):
-        """The inputs without a row yet, in order (an input given twice needs two rows)."""
-        done = Counter(row["image"] for row in self.done)
-        out = []
-        for item in items:
-            if done[item]:
-                done[item] -= 1
-            else:
-                out.append(item)
-        return out
 
     def write(self, rows):
         self.file.write(format_rows(rows, self.csv))
@@ -413,8 +448,76 @@ class Output:
 
     def finish(self):
         os.replace(self.partial, self.path)  # before closing: the lock is held until the name is gone
+        self.close()
+
+    def close(self):
         workers.let_go(self.file)
         self.file.close()
+
+
+def pending(items, done_rows):
+    """(the inputs without a row yet, in order; the names of rows that no input claims). An input
+    given twice needs two rows."""
+    done = Counter(row["image"] for row in done_rows)
+    out = []
+    for item in items:
+        name = shown_name(item)
+        if done[name]:
+            done[name] -= 1
+        else:
+            out.append(item)
+    return out, list((+done).elements())
+
+
+class ResumeRefused(RuntimeError):
+    """--resume would mix rows of another run into this one's; the message says how they differ."""
+
+
+def check_resume(source, record, settings, done, foreign):
+    """ResumeRefused unless the rows kept from `source` were made with these settings and all name inputs
+    of this run: rows of another model, other flags or other images would pass for this run's."""
+    if foreign:
+        raise ResumeRefused(f"--resume: {len(foreign)} of the {len(done)} rows in {source!r} are for images that are "
+                           f"not among the inputs given (the first: {', '.join(map(repr, foreign[:3]))}); resume "
+                           f"with the same inputs, or start over without --resume")
+    try:
+        with open(record, encoding="utf-8") as f:
+            made_with = json.load(f)
+    except FileNotFoundError:
+        raise ResumeRefused(f"--resume: {record!r} is missing, so nothing tells what the rows in {source!r} were "
+                           f"made with; start over without --resume") from None
+    except (OSError, ValueError) as e:
+        raise ResumeRefused(f"--resume: {record!r} is unreadable ({getattr(e, 'strerror', None) or e}); start over "
+                           f"without --resume") from None
+    changed = [f"{key} {settings.get(key)!r} (was {made_with.get(key)!r})" for key in sorted({*settings, *made_with})
+               if settings.get(key) != made_with.get(key)]
+    if changed:
+        raise ResumeRefused(f"--resume: the rows in {source!r} were made with other settings: {', '.join(changed)}; "
+                           f"resume with those, or start over without --resume")
+
+
+def run_settings(args, model_name, amp_dtype):
+    """What the captions of a run depend on, as recorded beside --output: the model (a folder by its path
+    and its weight files' sizes and times), the generation and preprocessing flags, the precision.
+    Not the batch size or the workers, which change nothing (tested)."""
+    model = resolve_model(model_name)
+    weights = None
+    if os.path.isdir(model):
+        model = os.path.abspath(model)
+        weights = {name: [os.path.getsize(os.path.join(model, name)), os.stat(os.path.join(model, name)).st_mtime_ns]
+                   for name in sorted(os.listdir(model)) if name.endswith((".safetensors", ".bin"))}
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed) if args.do_sample else {}
+    return {"model": model, "weights": weights, "max_length": args.max_length, "num_beams": args.num_beams,
+            "do_sample": args.do_sample, **sampling, "num_captions": args.num_captions,
+            "exact_preprocessing": args.exact_preprocessing, "max_image_pixels": args.max_image_pixels,
+            "precision": "fp32" if amp_dtype is None else str(amp_dtype).split(".")[-1]}
+
+
+def write_json_atomically(path, value):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,6 +568,10 @@ def main(argv=None):
 
 
 def caption_inputs(args):
+    # Names are written escaped (shown_name); anything else that a strict encoding cannot take, escaped too.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     hub.offline_unless_needed(args.model)
     # Heavy imports after argument parsing, so --help and flag errors answer at once.
     import torch
@@ -492,10 +599,12 @@ def caption_inputs(args):
     output, pending = None, items
     if args.output:
         try:
-            output = Output(args.output, args.resume)
+            output = Output(args.output, items, run_settings(args, args.model, amp_dtype), args.resume)
+        except ResumeRefused as e:
+            cli.fail(str(e))
         except (OSError, RuntimeError) as e:
             cli.fail(f"--output {args.output!r}: {getattr(e, 'strerror', None) or e}", status=1)
-        pending = output.pending(items)
+        pending = output.pending
         if output.restarted:
             print(f"note: {output.partial} from an earlier run is started over (--resume continues it)",
                   file=sys.stderr, flush=True)
@@ -504,7 +613,7 @@ def caption_inputs(args):
                   file=sys.stderr, flush=True)
     bad = sum(row["error"] is not None for row in output.done) if output else 0
     reader = reader_for(pending, processor.image_processor, args.exact_preprocessing, args.timeout,
-                        int(args.max_download_mb * (1 << 20)))
+                        int(args.max_download_mb * (1 << 20)), args.max_image_pixels)
     batches = captioned(model, processor, device, amp_dtype,
                         loader(reader, processor.image_processor, args.batch_size, args.num_workers),
                         max_length=args.max_length, num_beams=args.num_beams, do_sample=args.do_sample,

@@ -266,7 +266,8 @@ def test_prepared_splits_are_cached_and_reread_without_decoding(imagefolder, tmp
     assert len(captions) == 39 and len(skipped) == 1 and "000003.png" in skipped[0]
 
     decoded, real_open = [], data.open_image
-    monkeypatch.setattr(data, "open_image", lambda source: decoded.append(source) or real_open(source))
+    monkeypatch.setattr(data, "open_image",
+                        lambda source, **options: decoded.append(source) or real_open(source, **options))
     again_skipped = []
     cached, again = batches.prepare_split(table, "image", "text", "train", processor.image_processor, again_skipped,
                                        str(tmp_path / "cache"))
@@ -278,6 +279,29 @@ def test_prepared_splits_are_cached_and_reread_without_decoding(imagefolder, tmp
                                       [], None)
     assert len(decoded) == 10 and len(in_memory) == 9  # no cache: decoded every time (row 3 is the bad one)
     assert sorted(os.listdir(tmp_path / "cache"))[0].startswith("train-") and len(os.listdir(tmp_path / "cache")) == 1
+
+
+def test_a_fifo_and_an_image_over_the_pixel_limit_are_bad_rows_not_a_hang(tmp_path, tiny_model_dir):
+    processor = AutoProcessor.from_pretrained(tiny_model_dir).image_processor
+    folder = tmp_path / "data"
+    data.write_imagefolder(synthetic.dataset(4, seed=3), str(folder))
+    os.mkfifo(folder / "pipe.png")  # nothing writes to it: a read would wait forever
+    Image.new("L", (12000, 12000), 90).save(folder / "huge.png")  # 144 Mpx in a small file
+    with open(folder / "metadata.jsonl", "a") as f:
+        f.write('{"file_name": "pipe.png", "text": "a pipe"}\n{"file_name": "huge.png", "text": "a grey square"}\n')
+    table = data.load_source(str(folder))["train"]
+    skipped = []
+    _, captions = batches.prepare_split(table, "image", "text", "train", processor, skipped, str(tmp_path / "cache"),
+                                        num_workers=2)
+    assert len(captions) == 4
+    assert skipped == [f"train row 4 ({folder / 'pipe.png'}): a FIFO, not an image file; only regular files are read",
+                       f"train row 5 ({folder / 'huge.png'}): refused, too many pixels: 12000 x 12000 is 144.0 Mpx, "
+                       f"over --max-image-pixels 40,000,000"]
+    skipped = []  # the limit decides the rows kept, so it names its own cache entry
+    _, captions = batches.prepare_split(table, "image", "text", "train", processor, skipped, str(tmp_path / "cache"),
+                                        max_pixels=0)
+    assert captions[-1] == ["a grey square"] and len(skipped) == 1 and "pipe.png" in skipped[0]
+    assert len(os.listdir(tmp_path / "cache")) == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +327,15 @@ def load_error(folder):
     ('{"file_name": "000003.png", "text": 7}', "'text' is a number here but a string on line 1"),
     ('["000003.png", "a red circle"]', "not a JSON object ({...}) but a list of strings"),
     ('{"file_name": "../000003.png", "text": "x"}', "file_name '../000003.png' must be a path inside"),
-], ids=["not JSON", "no file_name", "null file_name", "caption type", "not an object", "outside the folder"])
+    # json decodes these escapes to a str holding a lone surrogate; pyarrow said "ArrowInvalid: JSON parse error:
+    # The surrogate pair in string is invalid. in row 3"
+    (r'{"file_name": "000003.png", "text": "caf\udce9"}',
+     r"'text' holds \udce9, a lone surrogate escape, not a character; it stands for the byte 0xe9 of text that "
+     r"was not UTF-8"),
+    (r'{"file_name": "000003.png", "text": ["a circle", "a smile \ud83d"]}',
+     r"'text' holds \ud83d, a lone surrogate escape, not a character; write the character itself"),
+], ids=["not JSON", "no file_name", "null file_name", "caption type", "not an object", "outside the folder",
+        "lone surrogate", "lone surrogate in a list"])
 def test_a_bad_metadata_jsonl_line_is_named_by_its_number(tmp_path, line, problem):
     folder = scenes(tmp_path / "scenes")
     lines = (folder / "metadata.jsonl").read_text().splitlines()
@@ -361,6 +393,36 @@ def test_a_missing_image_is_a_bad_row_named_by_its_metadata_line(tmp_path):
                           f"no such file")
     with pytest.raises(data.DataError, match=r"metadata.jsonl line 3\): no such file"):  # --on-bad-sample error
         data.read_rows(table, "image", "text", "train")
+
+
+def test_a_surrogate_pair_escape_is_one_character_and_loads(tmp_path):
+    folder = scenes(tmp_path / "scenes")
+    lines = (folder / "metadata.jsonl").read_text().splitlines()
+    lines[3] = r'{"file_name": "000003.png", "text": "a smile \ud83d\ude00 and a \u00e9"}'  # as ensure_ascii writes it
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    images, captions = data.read_rows(data.load_source(str(folder))["train"], "image", "text", "train")
+    assert len(images) == 6 and captions[3] == ["a smile \U0001F600 and a \u00e9"]
+
+
+def test_a_backslash_in_a_file_name_is_a_folder_separator_as_datasets_reads_it(tmp_path):
+    # datasets (5.2) reads file_name "sub\\000004.png" as sub/000004.png, as metadata written on Windows means
+    # it; so a file named back\slash.png (legal on Linux) is looked for as back/slash.png and not found
+    folder = scenes(tmp_path / "scenes")
+    os.makedirs(folder / "sub")
+    os.rename(folder / "000004.png", folder / "sub" / "000004.png")
+    os.rename(folder / "000002.png", folder / "back\\slash.png")
+    rows = [json.loads(line) for line in open(folder / "metadata.jsonl")]
+    rows[2]["file_name"], rows[4]["file_name"] = "back\\slash.png", "sub\\000004.png"
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = data.load_source(str(folder))["train"]
+    skipped = []
+    images, captions = data.read_rows(table, "image", "text", "train", skipped)
+    assert skipped == [f"train row 2 ({folder / 'back' / 'slash.png'}, named on {folder}/metadata.jsonl line 3, "
+                       f"whose backslash datasets reads as a folder separator: rename the file back\\slash.png): "
+                       f"no such file"]
+    assert captions == [[r["text"]] for k, r in enumerate(rows) if k != 2]
+    with Image.open(folder / "sub" / "000004.png") as expected:
+        assert np.array_equal(np.asarray(images[3]), np.asarray(expected.convert("RGB")))
 
 
 @pytest.fixture(scope="module")

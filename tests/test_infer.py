@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pty
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,11 +30,11 @@ from conftest import ROOT, Child, descendants, wait_until_gone
 INFER = os.path.join(ROOT, "infer.py")
 
 
-def cli(*args, cwd=None, merged=False):
+def cli(*args, cwd=None, merged=False, env=None):
     """infer.py's exit status and output; merged: stderr into stdout, to see the order of all lines."""
     return subprocess.run([sys.executable, INFER, *args], stdout=subprocess.PIPE, text=True, cwd=cwd,
                           stderr=subprocess.STDOUT if merged else subprocess.PIPE,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +203,109 @@ def test_flag_errors_answer_without_loading_torch(tmp_path):
                          (["x.png", "--top-p", "0"], "--top-p")]:
         proc = cli(*args, cwd=str(tmp_path))
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and needle in proc.stderr
+
+
+def test_a_fifo_among_the_inputs_is_named_and_the_others_are_captioned(pictures, tiny_model_dir, tmp_path):
+    root, _ = pictures
+    folder = tmp_path / "with-a-pipe"
+    folder.mkdir()
+    for name in ("a.png", "b.jpg"):
+        shutil.copy(root / name, folder / name)
+    os.mkfifo(folder / "pipe.jpg")  # nothing ever writes to it: opening it to read would wait forever
+    for inputs in ([str(folder)], [str(folder / "a.png"), str(folder / "pipe.jpg"), str(folder / "b.jpg")]):
+        proc = cli("--model", tiny_model_dir, "--precision", "fp32", *inputs)
+        assert proc.returncode == 1, proc.stderr
+        assert [line.split("\t")[0] for line in proc.stdout.splitlines()] == [str(folder / "a.png"),
+                                                                              str(folder / "b.jpg")]
+        assert proc.stderr.splitlines() == [f"error: {folder / 'pipe.jpg'}: a FIFO, not an image file; only regular "
+                                            f"files are read"]
+
+
+def peak_rss_mb(cmd):
+    """(exit status, stderr, the peak resident memory of the process in MB), from the kernel's own count."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, err, usage.ru_maxrss / 1024
+
+
+def test_an_image_over_max_image_pixels_is_refused_before_it_is_decoded(pictures, tiny_model_dir, tmp_path):
+    root, _ = pictures
+    huge = tmp_path / "huge.png"
+    Image.new("L", (12000, 12000), 128).save(huge)  # 144 Mpx in a file of a few hundred KB
+    assert huge.stat().st_size < 1 << 20
+    cmd = [sys.executable, INFER, "--model", tiny_model_dir, "--precision", "fp32", "--num-workers", "0",
+           str(huge), str(root / "a.png")]
+    status, err, refused_mb = peak_rss_mb(cmd)
+    assert status == 1, err
+    assert err.splitlines() == [f"error: {huge}: refused, too many pixels: 12000 x 12000 is 144.0 Mpx, over "
+                                f"--max-image-pixels 40,000,000"]  # PIL's DecompressionBombWarning is not printed
+    status, err, decoded_mb = peak_rss_mb(cmd + ["--max-image-pixels", "0"])
+    assert status == 0, err
+    # Decoded, it would have held 144 Mpx of RGB (432 MB) in the process; refused, none of it.
+    assert refused_mb + 300 < decoded_mb, (refused_mb, decoded_mb)
+
+
+def test_odd_file_names_round_trip_through_both_output_formats(pictures, tiny_model_dir, tmp_path):
+    root, _ = pictures
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    names = {os.fsdecode(b"caf\xe9.png"): "caf\\xe9.png",  # not UTF-8: held by Python as a lone surrogate
+             "new\nline.png": "new\\nline.png", "tab\tname.png": "tab\\tname.png",
+             "back\\slash.png": "back\\slash.png", "plain é.png": "plain é.png"}
+    for name in names:
+        shutil.copy(root / "a.png", os.path.join(folder, name))
+    shown = sorted(f"{folder}/{written}" for written in names.values())
+    strict = {"PYTHONIOENCODING": "utf-8:strict"}
+    for ext in ("csv", "jsonl"):
+        out = tmp_path / f"odd.{ext}"
+        flags = ["--model", tiny_model_dir, "--precision", "fp32", "--output", str(out), str(folder)]
+        proc = cli(*flags, env=strict)
+        assert proc.returncode == 0, proc.stderr
+        assert sorted(line.split("\t")[0] for line in proc.stdout.splitlines()) == shown  # one line each
+        text = out.read_bytes().decode("utf-8")  # strict: every byte of the file is UTF-8
+        rows = (list(csv.DictReader(io.StringIO(text, newline=""))) if ext == "csv" else
+                [json.loads(line) for line in text.splitlines()])
+        assert sorted(row["image"] for row in rows) == shown
+        again = cli(*flags, "--resume", env=strict)  # the written names match the files they came from
+        assert again.returncode == 0 and again.stdout == "", again.stderr
+        assert again.stderr == f"resuming: 5 of 5 inputs already in {out}.partial\n"
+        assert out.read_bytes().decode("utf-8") == text
+
+
+def test_resume_refuses_rows_of_other_inputs_or_other_settings(pictures, tiny_model_dir, tmp_path, capsys):
+    root, _ = pictures
+    a, b, c = (str(root / name) for name in ("a.png", "b.jpg", "c.png"))
+    out = tmp_path / "out.jsonl"
+    flags = ["--model", tiny_model_dir, "--precision", "fp32", "--num-workers", "0", "--output", str(out)]
+    assert infer.main([*flags, a, b]) == 0
+    finished = out.read_bytes()
+    assert json.loads((tmp_path / "out.jsonl.settings.json").read_text())["max_length"] == 50
+    capsys.readouterr()
+
+    def refused(*argv):
+        with pytest.raises(SystemExit) as e:
+            infer.main([*flags, "--resume", *argv])
+        err = capsys.readouterr().err.splitlines()
+        assert e.value.code == 2 and len(err) == 1, err
+        return err[0]
+
+    assert refused(c) == (f"error: --resume: 2 of the 2 rows in {str(out)!r} are for images that are not among the "
+                          f"inputs given (the first: {a!r}, {b!r}); resume with the same inputs, or start over "
+                          f"without --resume")
+    assert out.read_bytes() == finished and not (tmp_path / "out.jsonl.partial").exists()
+    # The same rows as a killed run's partial file: generation flags that differ are named, old and new.
+    shutil.copy(out, tmp_path / "out.jsonl.partial")
+    os.remove(out)
+    assert refused("--max-length", "3", a, b) == (
+        f"error: --resume: the rows in {str(out) + '.partial'!r} were made with other settings: max_length 3 (was 50); "
+        f"resume with those, or start over without --resume")
+    assert (tmp_path / "out.jsonl.partial").read_bytes() == finished
+    assert infer.main([*flags, "--resume", a, b, c]) == 0
+    assert capsys.readouterr().err == f"resuming: 2 of 3 inputs already in {out}.partial\n"
+    assert out.read_bytes().startswith(finished)
 
 
 # ---------------------------------------------------------------------------------------------
