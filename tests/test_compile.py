@@ -67,7 +67,7 @@ def test_compiled_run_meets_one_shape_per_bucket_and_reports_its_compile_time(tm
     torch._dynamo.utils.counters.clear()
     best = train.main(["--dataset", "synthetic", "--synthetic-size", "110", "--model", "tiny", "--batch-size", "16",
                        "--grad-accum", "1", "--max-steps", "12", "--eval-steps", "12", "--save-steps", "12",
-                       "--logging-steps", "6", "--precision", "bf16", "--compile", "--num-examples", "0",
+                       "--logging-steps", "6", "--precision", "auto", "--compile", "--num-examples", "0",
                        "--output-dir", str(tmp_path / "run")])
     out = capsys.readouterr().out
     assert best["value"] < 1.5

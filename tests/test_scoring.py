@@ -61,7 +61,7 @@ def test_best_scores_what_the_run_reported_for_it(trained_run, greedy):
     saved = json.load(open(os.path.join(trained_run, "best", "training_args.json")))
     assert saved == json.load(open(os.path.join(trained_run, "training_args.json")))
     line = next(line for line in err.splitlines() if line.startswith("from the run's"))
-    assert "best/training_args.json" in line and "--synthetic-size 1000" in line and "--precision bf16" in line
+    assert "best/training_args.json" in line and "--synthetic-size 1000" in line and "--precision auto" in line
     assert "--dataset" not in line  # given, so not taken from the run
     assert "collapsed" not in err  # a model that looks at its images
 
