@@ -107,15 +107,15 @@ def open_image(source, draft=None, max_pixels=MAX_IMAGE_PIXELS):
 def regular_file(path):
     """The file at path opened for reading, if it is a regular file; DataError naming what it is if not.
     Opened without blocking and then looked at, so that a FIFO with no writer cannot hold the open."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    mode = os.fstat(fd).st_mode
+    f = open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK))  # f.name: PIL's messages
+    mode = os.fstat(f.fileno()).st_mode
     if not stat.S_ISREG(mode):
-        os.close(fd)
+        f.close()
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(path)
         kind = next((what for test, what in FILE_KINDS.items() if test(mode)), "not a regular file")
         raise DataError(f"{path}: {kind}, not an image file; only regular files are read")
-    return os.fdopen(fd, "rb")
+    return f
 
 
 def draft_size(image_processor):

@@ -189,8 +189,11 @@ def measured_matmul_peak(device, dtype, n, reps=5):
 
 def device_peak(device, device_name, args):
     """{'flops', 'source'}: --peak-tflops, the datasheet figure, or a measured matmul peak (fp16
-    on a GPU; bf16 on a CPU, whose bf16 units are its fastest matrix path)."""
+    on a GPU; on a CPU bf16 where it has bf16 units, its fastest matrix path, else fp32: without
+    them bf16 is emulated, many times slower, and would put the MFU of an fp32 step above 1)."""
     import torch
+
+    import cli
 
     if args.peak_tflops:
         return {"flops": args.peak_tflops * 1e12, "source": "--peak-tflops"}
@@ -198,7 +201,7 @@ def device_peak(device, device_name, args):
         found = table_peak(device_name)
         if found:
             return {"flops": found[0] * 1e12, "source": f"{found[1]}, dense fp16 tensor cores, NVIDIA datasheet"}
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16 if cli.cpu_has_bf16_units() else torch.float32
     n = args.matmul_size or (8192 if device.type == "cuda" else 4096)
     where = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     return {"flops": measured_matmul_peak(device, dtype, n),
