@@ -24,6 +24,18 @@ _locks = {}  # descriptor -> (device, inode) of the files of this process whose 
 PR_SET_PDEATHSIG = 1
 
 
+def _find_prctl():
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# Looked up here, in the parent: dlopen and dlsym take the dynamic loader's lock, which a forked child
+# inherits as it was, so a worker forked while another thread of the parent held it would wait forever.
+_prctl = _find_prctl() if sys.platform.startswith("linux") else None
+
+
 def hold(f):
     """Register an open file (or descriptor) that holds a lock; returns it."""
     fd = f if isinstance(f, int) else f.fileno()
@@ -57,11 +69,8 @@ def start(parent, ignore_sigterm=True):
                 pass
         os.close(null)
         _locks.clear()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        except (OSError, AttributeError):
-            pass
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN if ignore_sigterm else signal.SIG_DFL)
     if os.getppid() != parent:  # the parent died before the line above could take effect

@@ -96,6 +96,14 @@ class Lines:
             self.queue.put(line)
         self.queue.put(None)  # the child closed the pipe
 
+    def so_far(self):
+        """The lines written and not yet read, without waiting."""
+        lines = []
+        while not self.queue.empty():
+            line = self.queue.get()
+            lines += [line] if line is not None else []
+        return lines
+
     def read(self, timeout, until=None):
         """The lines up to the first one for which until(line) is true (to the end of the output
         when until is None); AssertionError when time runs out, or the output ends first."""
@@ -129,6 +137,23 @@ def descendants(pid):
             found += kids
             todo += kids
     return found
+
+
+def where(pids):
+    """What each process is doing (state and kernel wait channel): for a message when one hangs."""
+    said = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            waits = []
+            for task in sorted(os.listdir(f"/proc/{pid}/task")):
+                with open(f"/proc/{pid}/task/{task}/wchan") as f:
+                    waits.append(f.read().strip() or "-")
+            said.append(f"{pid} {state} waiting in {','.join(waits)}")
+        except OSError:
+            said.append(f"{pid} gone")
+    return "; ".join(said)
 
 
 def running(pid):

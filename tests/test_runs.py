@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 import batches
 import checkpoint
 import train
-from conftest import ROOT, Child, descendants, wait_until_gone
+from conftest import ROOT, Child, descendants, wait_until_gone, where
 
 # 60 scenes -> 54 train, 6 eval: batch 8 gives 7 micro-batches an epoch, so 12 steps cross one.
 RUN = ["--dataset", "synthetic", "--synthetic-size", "60", "--batch-size", "8", "--grad-accum", "1",
@@ -101,7 +101,11 @@ def test_a_run_stopped_while_the_cache_fills_leaves_no_process_and_no_lock(run_n
     cmd = [sys.executable, os.path.join(ROOT, "tests", "pause.py"), "fill", "--", *train_cmd(out, tiny_model_dir,
                                                                                              *FILL_RUN)[2:]]
     with Child(cmd, env=env) as child:
-        held = [child.stdout.read(300, until=lambda line: line.startswith("filling "))[-1] for _ in range(2)]
+        try:
+            held = [child.stdout.read(300, until=lambda line: line.startswith("filling "))[-1] for _ in range(2)]
+        except AssertionError as e:  # what the processes were doing: a hang in the fill is the product's
+            raise AssertionError(f"{e}; processes: {where([child.proc.pid, *descendants(child.proc.pid)])}; "
+                                 f"stderr: {''.join(child.stderr.so_far()[-10:])}") from None
         fillers = sorted(int(line.split()[1]) for line in held)
         assert sorted(descendants(child.proc.pid)) == fillers  # both hold the run's and the cache's locks
         os.kill(child.proc.pid, stop)  # to train.py alone, as `timeout`, `docker stop` or a scheduler send it
