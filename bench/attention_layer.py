@@ -17,7 +17,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.git.modeling_git import GitSelfAttention, GitVisionAttention
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import attention  # noqa: E402
+from captioning import attention  # noqa: E402
 
 BATCH, IMAGE_TOKENS, CAPTION_TOKENS = 20, 197, 20
 

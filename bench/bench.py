@@ -42,6 +42,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from captioning import captioner, sources  # noqa: E402
+
 # name -> (module run by timed.py, its flags beyond the shared ones)
 PROGRAMS = {
     "recipe": ("trainer_recipe", ["--padding", "max_length", "--skip-generation-eval"]),
@@ -159,7 +161,7 @@ def prepare_data(args, images=None):
     given); reused when one with the same settings exists."""
     from PIL import Image
 
-    import synthetic
+    from captioning import synthetic
 
     images = images or args.images
     folder = os.path.join(args.work_dir, f"data-{images}x{args.image_size}-q{args.jpeg_quality}-s{args.seed}")
@@ -186,7 +188,7 @@ def prepare_model(args, size, data_dir):
     """A randomly initialised GIT of the size's preset, written with save_pretrained; reused when present."""
     import transformers
 
-    from model import build_tiny_git
+    from captioning.gitmodel import build_tiny_git
 
     transformers.logging.set_verbosity_error()  # the processor's PIL-backend notice is noise here
     transformers.logging.disable_progress_bar()
@@ -402,10 +404,9 @@ def train_caption_lengths(args, data_dir, model_dir):
     """Token counts of the training split's captions with the model's tokenizer, as train.py cuts them."""
     from transformers import AutoTokenizer
 
-    import data
 
-    train_table, _ = data.split_source(data.load_source(data_dir), args.test_size, args.seed)
-    captions = [data.caption_refs(text)[0] for text in train_table["text"]]
+    train_table, _ = sources.split_source(sources.load_source(data_dir), args.test_size, args.seed)
+    captions = [sources.caption_refs(text)[0] for text in train_table["text"]]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return [len(ids) for ids in tokenizer(captions, truncation=True, max_length=64)["input_ids"]]
 
@@ -454,19 +455,17 @@ def bench_inference(args, model_dirs, data_dir):
     """Images per second of infer.py's batched generate (batch 16) against one image at a time,
     on the same images and model, in this process; and the wall time of `infer.py --help` and of
     a first caption from a cold start (a new process: imports, model load, one image)."""
-    import infer
-
     paths = sorted(os.path.join(data_dir, f) for f in os.listdir(data_dir) if f.endswith(".jpg"))
     paths = paths[:args.inference_images]
-    images = [infer.load_input(p) for p in paths]  # decoding is the same for both: not timed
+    images = [captioner.load_input(p) for p in paths]  # decoding is the same for both: not timed
     result = {"images": len(images), "max_length": 20, "sizes": {}}
     for size, model_dir in model_dirs.items():
-        model, processor, device, amp = infer.load(model_dir, "auto", args.precision)
+        model, processor, device, amp = captioner.load(model_dir, "auto", args.precision)
         row = {}
         for name, batch in (("one_at_a_time", 1), ("batched_16", 16)):
-            infer.generate(model, processor, device, amp, images[:2], max_length=20, batch_size=batch)  # warm-up
+            captioner.generate(model, processor, device, amp, images[:2], max_length=20, batch_size=batch)  # warm-up
             t0 = time.perf_counter()
-            infer.generate(model, processor, device, amp, images, max_length=20, batch_size=batch)
+            captioner.generate(model, processor, device, amp, images, max_length=20, batch_size=batch)
             row[f"{name}_images_per_second"] = len(images) / (time.perf_counter() - t0)
         row["batched_speedup"] = row["batched_16_images_per_second"] / row["one_at_a_time_images_per_second"]
         result["sizes"][size] = row

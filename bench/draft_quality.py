@@ -18,7 +18,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-import cli  # noqa: E402
+from captioning import cli, decode, image_cache, measures, runtime, sources  # noqa: E402
+
 
 SIZE, QUALITY = (1280, 960), 90
 
@@ -40,7 +41,7 @@ def write_scenes(folder, n, seed):
     """n scenes scaled up to SIZE, as JPEG files with a metadata.jsonl (an imagefolder)."""
     from PIL import Image
 
-    import synthetic
+    from captioning import synthetic
 
     with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
         for i in range(n):
@@ -54,15 +55,15 @@ def captions_of(model, processor, pixels, args):
     """Captions model.generate writes for uint8 pixels, normalised as collate() does."""
     import torch
 
-    import batches
+    from captioning import batches
 
     device = torch.device("cpu")
-    amp_dtype, _ = cli.pick_precision(args.precision, device)
+    amp_dtype, _ = runtime.pick_precision(args.precision, device)
     mean, std = batches.normaliser(processor.image_processor)
     out = []
     for i in range(0, len(pixels), args.batch_size):
         batch = (torch.from_numpy(pixels[i:i + args.batch_size].copy()).float() / 255 - mean) / std
-        with torch.inference_mode(), cli.autocast(device, amp_dtype):
+        with torch.inference_mode(), runtime.autocast(device, amp_dtype):
             ids = model.generate(pixel_values=batch, max_length=args.gen_max_length)
         out += processor.batch_decode(ids, skip_special_tokens=True)
     return out
@@ -75,11 +76,9 @@ def main(argv=None):
     import transformers
     from PIL import Image
 
-    import batches
-    import data
-    import metrics
-    from infer import resolve_model
-    from model import ModelLoadError, load_model
+    from captioning.gitmodel import resolve_model
+    from captioning.errors import ModelLoadError
+    from captioning.gitmodel import load_model
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
@@ -90,7 +89,7 @@ def main(argv=None):
         cli.fail(str(e))
     model.eval()
     image_processor = processor.image_processor
-    draft = data.draft_size(image_processor)
+    draft = decode.draft_size(image_processor)
     if draft is None:
         cli.fail(f"--model {args.model!r}: its image processor's size cannot be told, so nothing would be drafted")
     with tempfile.TemporaryDirectory(prefix="draft-quality-") as folder:
@@ -98,16 +97,16 @@ def main(argv=None):
         with Image.open(os.path.join(folder, "000000.jpg")) as img:
             img.draft(None, (draft, draft))
             decoded_at = img.size  # what the decoder really produces when drafting
-        table = data.load_source(folder)["train"]
+        table = sources.load_source(folder)["train"]
         sets, seconds = {}, {}
         for name, setting in (("exact", None), ("drafted", draft)):
             t0 = time.perf_counter()
-            sets[name], references = batches.prepare_split(table, "image", "text", "scenes", image_processor,
+            sets[name], references = image_cache.prepare_split(table, "image", "text", "scenes", image_processor,
                                                            draft=setting, num_workers=args.workers)
             seconds[name] = time.perf_counter() - t0
     difference = np.abs(sets["drafted"].astype(np.int16) - sets["exact"].astype(np.int16))
     predictions = {name: captions_of(model, processor, pixels, args) for name, pixels in sets.items()}
-    scores = {name: {k: round(v, 4) for k, v in metrics.caption_scores(p, references).items()}
+    scores = {name: {k: round(v, 4) for k, v in measures.caption_scores(p, references).items()}
               for name, p in predictions.items()}
     same = float(np.mean([a == b for a, b in zip(predictions["exact"], predictions["drafted"])]))
     result = {

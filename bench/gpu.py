@@ -43,6 +43,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from captioning import evaluation, flags, gitmodel, runtime, training  # noqa: E402
+
 VARIANTS = ("eager", "sdpa", "sdpa+compile")
 PRECISIONS = ("fp16", "bf16")
 
@@ -81,7 +83,7 @@ def comma_list(choices):
 
 
 def parse_args(argv=None):
-    import cli
+    from captioning import cli
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -132,7 +134,7 @@ def train_step_flops(config, images, caption_rows, caption_length, predicted_tok
 
     images          images through the vision tower, n_i = (image_size / patch_size)^2 + 1 tokens each
     caption_rows    decoder rows, each n_i image tokens + caption_length caption tokens (padded)
-    predicted_tokens  caption positions with a target: the only ones train.caption_loss projects
+    predicted_tokens  caption positions with a target: the only ones evaluation.caption_loss projects
                       onto the vocabulary
 
     Counted, per token that goes through them: the patch embedding (3 * patch^2 * d_v weights, the
@@ -143,10 +145,8 @@ def train_step_flops(config, images, caption_rows, caption_length, predicted_tok
     norms, softmax, activations, embedding lookups and the optimizer, each linear in tokens or
     parameters and together well under 1% at git-base size.
     """
-    import train
-
     vision = config.vision_config
-    n_img = train.num_image_tokens(config)
+    n_img = gitmodel.num_image_tokens(config)
     d_v, f_v, d, f = vision.hidden_size, vision.intermediate_size, config.hidden_size, config.intermediate_size
     seq = n_img + caption_length
 
@@ -193,7 +193,6 @@ def device_peak(device, device_name, args):
     them bf16 is emulated, many times slower, and would put the MFU of an fp32 step above 1)."""
     import torch
 
-    import cli
 
     if args.peak_tflops:
         return {"flops": args.peak_tflops * 1e12, "source": "--peak-tflops"}
@@ -201,7 +200,7 @@ def device_peak(device, device_name, args):
         found = table_peak(device_name)
         if found:
             return {"flops": found[0] * 1e12, "source": f"{found[1]}, dense fp16 tensor cores, NVIDIA datasheet"}
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16 if cli.cpu_has_bf16_units() else torch.float32
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16 if runtime.cpu_has_bf16_units() else torch.float32
     n = args.matmul_size or (8192 if device.type == "cuda" else 4096)
     where = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     return {"flops": measured_matmul_peak(device, dtype, n),
@@ -275,8 +274,8 @@ def free_memory(device):
 
 def build_model(preset, work_dir):
     """The folder of a randomly initialised GIT of `preset`, built once and reused afterwards."""
-    import synthetic
-    from model import build_tiny_git
+    from captioning import synthetic
+    from captioning.gitmodel import build_tiny_git
 
     folder = os.path.join(work_dir, f"gpu-model-{preset}")
     if not os.path.isfile(os.path.join(folder, "config.json")):
@@ -292,7 +291,7 @@ def make_data(processor, batch_size, generate_batch_size, device):
     longest, labels with padding as -100; pixel values for generate), both on `device`."""
     import torch
 
-    import synthetic
+    from captioning import synthetic
 
     scenes = [synthetic.scene(1, i) for i in range(max(batch_size, generate_batch_size))]
     pixels = processor.image_processor([image for image, _ in scenes], return_tensors="pt")["pixel_values"]
@@ -300,7 +299,7 @@ def make_data(processor, batch_size, generate_batch_size, device):
     batch = {"pixel_values": pixels[:batch_size], "input_ids": text["input_ids"],
              "attention_mask": text["attention_mask"],
              "labels": text["input_ids"].masked_fill(text["attention_mask"] == 0, -100)}
-    # Channels-last images, as train.to_device makes them: that call is then a no-op in the step.
+    # Channels-last images, as evaluation.to_device makes them: that call is then a no-op in the step.
     on_device = {k: v.to(device, memory_format=torch.channels_last) if v.ndim == 4 else v.to(device)
                  for k, v in batch.items()}
     generate_pixels = pixels[:generate_batch_size].to(device, memory_format=torch.channels_last)
@@ -311,8 +310,8 @@ def fresh_model(folder, attention_name, device):
     """The model read back from disk with the given attention, on `device` as train.py puts it there."""
     import torch
 
-    import attention
-    from model import load_model
+    from captioning import attention
+    from captioning.gitmodel import load_model
 
     model, _ = load_model(folder)
     attention.set_attention(model, attention_name)
@@ -327,25 +326,23 @@ def bench_train(folder, variant, precision, batch, device, args):
     """One row: warm-up steps, then timed steps of train.py's optimizer step on a fresh model."""
     import torch
 
-    import cli
-    import run
     import train
 
     if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
         return {"skipped": "this GPU has no bf16 tensor cores"}
     compiled = variant.endswith("+compile")
     # train.py's own defaults (learning rate, weight decay, clipping) and its --compile wrapping.
-    train_args = train.parse_args(["--precision", precision] + (["--compile"] if compiled else []))
-    amp_dtype, use_scaler = cli.pick_precision(precision, device)
+    train_args = flags.parse_args(["--precision", precision] + (["--compile"] if compiled else []))
+    amp_dtype, use_scaler = runtime.pick_precision(precision, device)
     torch.manual_seed(0)
     model = fresh_model(folder, variant.split("+")[0], device)
     model.train()
     total_steps = args.warmup + args.steps
-    optimizer, scheduler, scaler = run.make_optimizer(train_args, model, total_steps, device, use_scaler)
+    optimizer, scheduler, scaler = training.make_optimizer(train_args, model, total_steps, device, use_scaler)
     state = types.SimpleNamespace(args=train_args, device=device, world=1, model=model,
-                                  net=run.wrap_for_training(model, train_args, device, 1), amp_dtype=amp_dtype,
+                                  net=training.wrap_for_training(model, train_args, device, 1), amp_dtype=amp_dtype,
                                   optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-    n_tokens = train.num_targets(batch)
+    n_tokens = evaluation.num_targets(batch)
 
     free_memory(device)  # also: no compiled graphs or recompile counts left from an earlier row
     reset_peak_memory(device)
@@ -378,7 +375,6 @@ def bench_generate(folder, variant, pixels, amp_dtype, device, args):
     """Images/s of model.generate over a batch, each caption written to --gen-max-length tokens."""
     import torch
 
-    import cli
 
     model = fresh_model(folder, variant, device)
     model.eval()
@@ -388,7 +384,7 @@ def bench_generate(folder, variant, pixels, amp_dtype, device, args):
     def caption():
         # min_length = max_length: a random model would stop at an early [SEP] by chance, and
         # variants are compared on the same work (a trained model's shorter captions cost less).
-        with torch.inference_mode(), cli.autocast(device, amp_dtype):
+        with torch.inference_mode(), runtime.autocast(device, amp_dtype):
             return model.generate(pixel_values=pixels, max_length=args.gen_max_length,
                                   min_length=args.gen_max_length, num_beams=1, do_sample=False)
 
@@ -489,23 +485,21 @@ def measure_and_report(args, argv):
     import torch
     import transformers
 
-    import cli
-    import run
-    import train
-    from model import load_model
+    from captioning import cli
+    from captioning.gitmodel import load_model
 
     try:
-        device = cli.pick_device(args.device)
+        device = runtime.pick_device(args.device)
     except ValueError as e:
         cli.fail(str(e))
-    run.quiet_libraries()
+    training.quiet_libraries()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     os.makedirs(args.work_dir, exist_ok=True)
     folder = build_model(args.model, args.work_dir)
     model, processor = load_model(folder)
     batch, generate_pixels = make_data(processor, args.batch_size, args.generate_batch_size, device)
     config = model.config
-    predicted = train.num_targets(batch)
+    predicted = evaluation.num_targets(batch)
     flops = train_step_flops(config, args.batch_size, args.batch_size, batch["input_ids"].shape[1], predicted)
     report = {
         "command": shlex.join([sys.executable, os.path.abspath(__file__), *(sys.argv[1:] if argv is None else argv)]),
@@ -513,7 +507,7 @@ def measure_and_report(args, argv):
         "device": device.type, "device_name": device_name, "torch": torch.__version__,
         "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
         "model": {"preset": args.model, "parameters": sum(p.numel() for p in model.parameters()),
-                  "image_tokens": train.num_image_tokens(config), "caption_length": batch["input_ids"].shape[1],
+                  "image_tokens": gitmodel.num_image_tokens(config), "caption_length": batch["input_ids"].shape[1],
                   "predicted_tokens": predicted},
         "batch_size": args.batch_size, "warmup": args.warmup, "steps": args.steps,
         "train_flops_per_step": flops, "peak": device_peak(device, device_name, args),
@@ -533,7 +527,7 @@ def measure_and_report(args, argv):
             free_memory(device)
             write_json(report, args.json)  # what is done so far survives a crash in a later row
     if not args.skip_generate:
-        amp_dtype, _ = cli.pick_precision(args.generate_precision, device)
+        amp_dtype, _ = runtime.pick_precision(args.generate_precision, device)
         report["generate_settings"] = {"batch_size": args.generate_batch_size, "max_length": args.gen_max_length,
                                        "precision": str(amp_dtype or torch.float32).split(".")[-1],
                                        "reps": args.generate_reps}

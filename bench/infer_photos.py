@@ -35,7 +35,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-import cli  # noqa: E402
+from captioning import captioner, cli, gitmodel  # noqa: E402
+
 
 TIME = "/usr/bin/time"
 
@@ -163,10 +164,9 @@ def decode_only(files, model):
     import transformers
     from PIL import Image
 
-    import infer
 
     transformers.logging.set_verbosity_error()
-    image_processor = transformers.AutoImageProcessor.from_pretrained(infer.resolve_model(model))
+    image_processor = transformers.AutoImageProcessor.from_pretrained(gitmodel.resolve_model(model))
     start = time.perf_counter()
     for path in files:
         with Image.open(path) as img:
@@ -178,9 +178,8 @@ def decode_only(files, model):
 
 def main(argv=None):
     args = parse_args(argv)
-    import infer
 
-    files = infer.expand_inputs([args.photos])
+    files = captioner.expand_inputs([args.photos])
     if not files:
         cli.fail(f"--photos {args.photos!r} holds no images")
     results = []

@@ -25,6 +25,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, ROOT]
 
+from captioning import sources  # noqa: E402
+
 from bench import OURS_SPEED, machine_info, step_speed  # noqa: E402
 
 # name -> (train.py flags, images per micro-batch); all with 20 caption rows a step.
@@ -65,14 +67,13 @@ def parse_args(argv=None):
 
 def prepare(args):
     """(imagefolder of scenes with five captions each, a randomly initialised GIT of --preset); reused."""
-    import data
-    import synthetic
-    from model import build_tiny_git
+    from captioning import synthetic
+    from captioning.gitmodel import build_tiny_git
 
     data_dir = os.path.join(args.work_dir, f"five-captions-{args.images}")
     if not os.path.isfile(os.path.join(data_dir, "metadata.jsonl")):
         shutil.rmtree(data_dir + ".tmp", ignore_errors=True)
-        data.write_imagefolder(synthetic.dataset(args.images, seed=7, captions_per_image=CAPTIONS_PER_IMAGE),
+        sources.write_imagefolder(synthetic.dataset(args.images, seed=7, captions_per_image=CAPTIONS_PER_IMAGE),
                                data_dir + ".tmp")
         os.replace(data_dir + ".tmp", data_dir)
     model_dir = os.path.join(args.work_dir, f"model-{args.preset}-five-captions-{args.images}")

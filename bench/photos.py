@@ -18,8 +18,7 @@ from multiprocessing import Pool
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-import cli  # noqa: E402
-import synthetic  # noqa: E402
+from captioning import cli, synthetic  # noqa: E402
 
 QUALITY = 90
 # Amplitudes (in 0-255 levels) of the luminance added at three scales, and of per-pixel grain:

@@ -20,10 +20,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import hub  # noqa: E402
-import train  # noqa: E402
-from cli import fail, pick_precision  # noqa: E402
-from model import TINY_PRESETS, load_or_build_model  # noqa: E402
+from captioning import decode, errors, flags, hub, measures, sources  # noqa: E402
+from captioning.cli import fail
+from captioning.runtime import pick_precision
+from captioning.presets import TINY_PRESETS
+from captioning.gitmodel import load_or_build_model
 
 
 def parse_args(argv=None):
@@ -38,7 +39,7 @@ def parse_args(argv=None):
         print("trainer_recipe.py's own flags (the others are train.py's, below):\n" + own.format_help())
     extra, rest = own.parse_known_args(argv)
     # The same flags (names, defaults, checks) as train.py, so both programs get the same run.
-    args = train.parse_args(rest, output_dir="bench-trainer-out")
+    args = flags.parse_args(rest, output_dir="bench-trainer-out")
     args.padding, args.skip_generation_eval = extra.padding, extra.skip_generation_eval
     return args
 
@@ -52,9 +53,7 @@ def main(argv=None):
     import transformers
     from transformers import Trainer, TrainingArguments
 
-    import batches
-    import data
-    import metrics
+    from captioning import batches
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()  # weight-loading bars; the Trainer keeps its own
@@ -63,27 +62,27 @@ def main(argv=None):
     # As in the guide, images stay encoded in the table until a batch needs them, so decoding is
     # part of every training step (train.py decodes each image once, before training).
     try:
-        train_table, eval_table = data.load_tables(args)
-    except data.DataError as e:
+        train_table, eval_table = sources.load_tables(args)
+    except errors.DataError as e:
         fail(str(e))
     for table, what in ((train_table, "train"), (eval_table, "eval")):
-        bad = next((i for i, text in enumerate(table[args.text_column]) if not data.caption_refs(text)), None)
+        bad = next((i for i, text in enumerate(table[args.text_column]) if not sources.caption_refs(text)), None)
         if bad is not None:  # an unreadable image only shows when its batch is decoded, as in the guide
             fail(f"{what} row {bad}: no caption in column {args.text_column!r}")
-    model, processor = load_or_build_model(args, data.caption_texts(train_table, args.text_column))
+    model, processor = load_or_build_model(args, sources.caption_texts(train_table, args.text_column))
 
     def transforms(batch):
-        images = [data.open_image(data.image_cell(cell, i)[1]) for i, cell in enumerate(batch[args.image_column])]
+        images = [decode.open_image(sources.image_cell(cell, i)[1]) for i, cell in enumerate(batch[args.image_column])]
         # The recipe trains on one caption per image: the first reference, as train.py evaluates.
-        texts = [data.caption_refs(text)[0] for text in batch[args.text_column]]
+        texts = [sources.caption_refs(text)[0] for text in batch[args.text_column]]
         # The DataLoader fetches a whole batch through Dataset.__getitems__, so "longest" pads per
         # batch; "max_length" pads to model_max_length (512 for git-base), as the guide does.
         inputs = processor(images=images, text=texts, padding=args.padding)
         inputs["labels"] = inputs["input_ids"]
         return inputs
 
-    train_ds = data.undecoded(train_table, args.image_column)
-    eval_ds = data.undecoded(eval_table, args.image_column)
+    train_ds = sources.undecoded(train_table, args.image_column)
+    eval_ds = sources.undecoded(eval_table, args.image_column)
     train_ds.set_transform(transforms)
     eval_ds.set_transform(transforms)
 
@@ -155,7 +154,7 @@ def main(argv=None):
     print(f"recipe_argmax_wer_last_eval: {argmax_wer if argmax_wer is None else round(argmax_wer, 4)} (misaligned, misleading)")
     if not args.skip_generation_eval:
         # Honest evaluation: captions the (best) model writes itself, scored as train.py scores them.
-        eval_images, eval_captions = data.read_rows(eval_table, args.image_column, args.text_column, "eval")
+        eval_images, eval_captions = sources.read_rows(eval_table, args.image_column, args.text_column, "eval")
         model = trainer.model
         model.eval()
         pixels = batches.pixel_values(processor.image_processor, eval_images)
@@ -165,7 +164,7 @@ def main(argv=None):
                 batch = pixels[i:i + args.eval_batch_size].to(model.device)
                 generated = model.generate(pixel_values=batch, max_length=args.gen_max_length)
                 predictions += processor.batch_decode(generated, skip_special_tokens=True)
-        scores = metrics.caption_scores(predictions, eval_captions)
+        scores = measures.caption_scores(predictions, eval_captions)
         result.update(generation_wer=scores["wer"], generation_cer=scores["cer"])
         print(f"generation_wer: {scores['wer']:.4f}")
         print(f"generation_cer: {scores['cer']:.4f}")

@@ -1,6 +1,9 @@
 """Offline fixtures: a tiny GIT saved with save_pretrained (untrained, without dropout, and one
 trained once per session), synthetic datasets on disk; and a reader of a child process's output
 that gives up after a timeout."""
+import contextlib
+import fcntl
+import io
 import json
 import os
 import queue
@@ -21,14 +24,20 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 # The preprocessed-image cache of this test session (subprocesses inherit it), not the user's.
 os.environ["GIT_CAPTION_CACHE"] = tempfile.mkdtemp(prefix="git-caption-cache-")
+# `make test` runs the suite in two processes (pytest-xdist), one core each: two torch processes with
+# a thread per core each would share two cores four ways. Subprocesses inherit it; a test that
+# measures threads (torchrun's ranks, infer's readers) sets its own.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(os.environ["GIT_CAPTION_CACHE"], ignore_errors=True)
 
-import data  # noqa: E402
-import synthetic  # noqa: E402
-from model import build_tiny_git  # noqa: E402
+
+# After the environment above: huggingface_hub reads HF_HUB_OFFLINE once, when it is first imported.
+from captioning import sources, synthetic  # noqa: E402
+from captioning.gitmodel import build_tiny_git  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +52,7 @@ def tiny_model_dir(tmp_path_factory):
 def imagefolder(tmp_path_factory):
     """40 synthetic scenes written as an HF imagefolder (PNG files + metadata.jsonl)."""
     out = str(tmp_path_factory.mktemp("imagefolder"))
-    data.write_imagefolder(synthetic.dataset(40, seed=1), out)
+    sources.write_imagefolder(synthetic.dataset(40, seed=1), out)
     return out
 
 
@@ -75,11 +84,23 @@ TRAINED_RUN = ["--dataset", "synthetic", "--synthetic-size", "1000", "--model", 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """The output folder of a tiny GIT trained from scratch (tokenizer learned from the captions) for
-    500 steps: one training for the whole session, shared by the tests of training and captioning."""
+    500 steps: one training for the whole session, shared by the tests of training and captioning. What
+    it printed is in OUT.stdout. Under `make test`'s two processes (pytest-xdist) the first to ask
+    trains it and the other waits on the lock, then reads the same folder."""
     import train  # here: a test that needs no training must not need train.py to import
 
-    out = str(tmp_path_factory.mktemp("trained-run"))
-    train.main([*TRAINED_RUN, "--output-dir", out])
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the folder that holds each worker's own
+    out = str(shared / "trained-run")
+    with open(shared / "trained-run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(out + ".stdout"):  # written last: the run is complete
+            said = io.StringIO()
+            with contextlib.redirect_stdout(said):
+                train.main([*TRAINED_RUN, "--output-dir", out])
+            with open(out + ".stdout", "w") as f:
+                f.write(said.getvalue())
     return out
 
 

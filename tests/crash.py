@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import checkpoint  # noqa: E402
+from captioning import checkpoint, evaluation  # noqa: E402
 import train  # noqa: E402
 
 
@@ -28,7 +28,7 @@ def main():
     point, n, sep, *train_args = sys.argv[1:]
     assert sep == "--" and point in ("accumulation", "evaluation", "checkpoint"), sys.argv
     n, calls = int(n), {"train": 0, "eval": 0, "save": 0}
-    caption_loss, torch_save = train.caption_loss, checkpoint.torch.save
+    caption_loss, torch_save = evaluation.caption_loss, checkpoint.torch.save
 
     def counted_loss(model, batch, num_tokens, **kwargs):
         kind = "train" if model.training else "eval"
@@ -47,7 +47,7 @@ def main():
             die()
         return torch_save(obj, path, *args, **kwargs)
 
-    train.caption_loss = counted_loss
+    evaluation.caption_loss = counted_loss
     checkpoint.torch.save = half_written_save
     train.main(train_args)
 

@@ -12,12 +12,12 @@ import threading
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import data  # noqa: E402
 import train  # noqa: E402
+from captioning import decode, evaluation  # noqa: E402
 
 
 def hold_fill_workers():
-    parent, open_image = os.getpid(), data.open_image
+    parent, open_image = os.getpid(), decode.open_image
 
     def held_open(source, **options):
         if os.getpid() != parent:  # a forked worker of the fill (they inherit this function)
@@ -25,11 +25,11 @@ def hold_fill_workers():
             threading.Event().wait()  # until killed: by the parent, or by the kernel when the parent is gone
         return open_image(source, **options)
 
-    data.open_image = held_open
+    decode.open_image = held_open
 
 
 def hold_training(n):
-    calls, caption_loss = [0], train.caption_loss
+    calls, caption_loss = [0], evaluation.caption_loss
 
     def paused_loss(model, batch, num_tokens, **kwargs):
         if model.training:
@@ -39,7 +39,7 @@ def hold_training(n):
                 sys.stdin.readline()
         return caption_loss(model, batch, num_tokens, **kwargs)
 
-    train.caption_loss = paused_loss
+    evaluation.caption_loss = paused_loss
 
 
 def main():

@@ -9,12 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import attention
-import synthetic
+from captioning import attention, runtime, synthetic
 import train
-from attention import SdpaSelfAttention
+from captioning.attention import SdpaSelfAttention
 from conftest import ROOT
-from model import load_model
+from captioning.gitmodel import load_model
 
 
 def both(model_dir):
@@ -42,6 +41,27 @@ def test_sdpa_keeps_the_parameters_and_swaps_every_decoder_attention(no_dropout_
     assert eager.git.image_encoder.config._attn_implementation == "eager"
     with pytest.raises(ValueError, match="attention must be one of"):
         attention.set_attention(eager, "flash")
+
+
+def test_the_vision_layers_run_through_sdpa(no_dropout_model, monkeypatch):
+    """The vision tower's attention is transformers' own: what shows that it took the fused path is
+    a call to F.scaled_dot_product_attention from each of its layers."""
+    eager, fused, processor = both(no_dropout_model)
+    pixels = processor.image_processor([synthetic.scene(4, 0)[0]], return_tensors="pt")["pixel_values"]
+    calls, real = [], torch.nn.functional.scaled_dot_product_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+    seen = []
+    for model in (eager, fused):
+        calls.clear()
+        with torch.no_grad():
+            model.git.image_encoder(pixels)
+        seen.append(len(calls))
+    assert seen == [0, len(fused.git.image_encoder.vision_model.encoder.layers)]
 
 
 def test_outputs_and_gradients_equal_eager_on_a_padded_batch(no_dropout_model):
@@ -138,8 +158,6 @@ def test_infer_fp32_captions_are_identical_with_both_attentions(trained_run, tmp
 
 
 def test_auto_attention_is_sdpa_on_cuda_and_eager_on_a_cpu():
-    import cli
-
-    assert cli.pick_attention("auto", torch.device("cuda")) == "sdpa"
-    assert cli.pick_attention("auto", torch.device("cpu")) == "eager"
-    assert cli.pick_attention("sdpa", torch.device("cpu")) == "sdpa"
+    assert runtime.pick_attention("auto", torch.device("cuda")) == "sdpa"
+    assert runtime.pick_attention("auto", torch.device("cpu")) == "eager"
+    assert runtime.pick_attention("sdpa", torch.device("cpu")) == "sdpa"

@@ -11,8 +11,8 @@ import sys
 import pytest
 from transformers import GitConfig
 
-import cli
 from conftest import ROOT
+from captioning import runtime
 
 SCRIPT = os.path.join(ROOT, "bench", "gpu.py")
 
@@ -51,7 +51,7 @@ def check_training_row(row, flops_per_step, batch_size):
 def test_quick_run_measures_every_variant_precision_and_generate(tmp_path):
     report, stdout = run_quick(tmp_path, "--variants", "eager,sdpa")
     assert report["device"] == "cpu" and report["model"]["preset"] == "tiny"
-    fastest = "bfloat16" if cli.cpu_has_bf16_units() else "float32"  # a CPU's fastest matrix path
+    fastest = "bfloat16" if runtime.cpu_has_bf16_units() else "float32"  # a CPU's fastest matrix path
     assert report["peak"]["source"].startswith(f"measured: torch.mm {fastest}")  # a CPU is never in the table
     # The FLOPs in the report are train_step_flops of the model that was built, on the batch used.
     model = report["model"]

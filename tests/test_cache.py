@@ -12,9 +12,7 @@ import pytest
 from PIL import Image
 from transformers import AutoProcessor
 
-import batches
-import data
-import synthetic
+from captioning import batches, decode, errors, image_cache, sources, synthetic  # noqa: E402
 from conftest import ROOT, Child
 
 CHUNK = 8  # 40 rows: five chunks, so parallel fills and checksums have several to keep in order
@@ -37,13 +35,13 @@ def with_bad_rows(imagefolder, tmp_path_factory):
     lines = (folder / "metadata.jsonl").read_text().splitlines()
     lines[25] = json.dumps({"file_name": "000025.png", "text": " "})
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return data.load_source(str(folder))["train"]
+    return sources.load_source(str(folder))["train"]
 
 
 def prepare(table, image_processor, cache_dir, skipped=(), **options):
     """prepare_split over a whole table -> (pixels as a plain array, captions, skipped rows, notices)."""
     found, notices = (None if skipped is None else []), []
-    pixels, captions = batches.prepare_split(table, "image", "text", "train", image_processor, found,
+    pixels, captions = image_cache.prepare_split(table, "image", "text", "train", image_processor, found,
                                              cache_dir and str(cache_dir), chunk=CHUNK, notify=notices.append,
                                              **options)
     return np.array(pixels), captions, found, notices
@@ -56,7 +54,7 @@ def entries(cache_dir):
 def test_parallel_fill_equals_serial_with_bad_rows_among_good(with_bad_rows, image_processor, tmp_path):
     serial = prepare(with_bad_rows, image_processor, tmp_path / "serial")
     skipped = []
-    images, captions = data.read_rows(with_bad_rows, "image", "text", "train", skipped)
+    images, captions = sources.read_rows(with_bad_rows, "image", "text", "train", skipped)
     assert len(serial[1]) == 40 - 11 and serial[1] == captions and serial[2] == skipped and len(skipped) == 11
     assert any("000020.png" in s for s in skipped) and any("row 25" in s and "empty caption" in s for s in skipped)
     assert np.array_equal(serial[0], batches.to_pixels(image_processor, images))  # the processor's own pixels
@@ -71,23 +69,23 @@ def test_parallel_fill_equals_serial_with_bad_rows_among_good(with_bad_rows, ima
     assert drafted[0].tobytes() == serial[0].tobytes() and drafted[2] == serial[2]
     # No skipped list: the first bad row stops the fill, in whichever process found it, and no entry is left.
     for workers in (0, 2):
-        with pytest.raises(data.DataError, match="000003.png") as raised:
+        with pytest.raises(errors.DataError, match="000003.png") as raised:
             prepare(with_bad_rows, image_processor, tmp_path / "strict", skipped=None, num_workers=workers)
         assert str(raised.value) == skipped[0]  # read_rows' own words for row 3
         assert entries(tmp_path / "strict") == []
 
 
 def test_a_dead_worker_is_one_error_and_leaves_nothing(imagefolder, image_processor, tmp_path, monkeypatch):
-    table = data.load_source(imagefolder)["train"]
-    real_open = data.open_image
+    table = sources.load_source(imagefolder)["train"]
+    real_open = decode.open_image
 
     def crash_on_row_20(source, **options):
         if str(source).endswith("000020.png"):
             os._exit(1)  # as a decoder crashing in C, or the OOM killer
         return real_open(source, **options)
 
-    monkeypatch.setattr(data, "open_image", crash_on_row_20)  # the forked workers inherit it
-    with pytest.raises(data.DataError, match=r"^train split: a process decoding its images died .* rows \d+-\d+ "):
+    monkeypatch.setattr(decode, "open_image", crash_on_row_20)  # the forked workers inherit it
+    with pytest.raises(errors.DataError, match=r"^train split: a process decoding its images died .* rows \d+-\d+ "):
         prepare(table, image_processor, tmp_path / "cache", num_workers=2)
     assert entries(tmp_path / "cache") == []
 
@@ -115,7 +113,7 @@ def flip_bit(path, offset, mask=0x10):
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_a_damaged_entry_is_reported_in_one_line_and_rebuilt(imagefolder, image_processor, tmp_path, damage):
-    table = data.load_source(imagefolder)["train"]
+    table = sources.load_source(imagefolder)["train"]
     fresh = prepare(table, image_processor, None)
     first = prepare(table, image_processor, tmp_path)
     assert np.array_equal(first[0], fresh[0]) and first[1:] == fresh[1:]
@@ -131,14 +129,14 @@ def test_a_damaged_entry_is_reported_in_one_line_and_rebuilt(imagefolder, image_
 
 def test_a_large_entry_is_checked_by_sample_and_fully_when_asked(imagefolder, image_processor, tmp_path,
                                                                  monkeypatch):
-    table = data.load_source(imagefolder)["train"]
+    table = sources.load_source(imagefolder)["train"]
     fresh = prepare(table, image_processor, tmp_path)
     [name] = entries(tmp_path)
     index = json.loads((tmp_path / name / "index.json").read_text())
     assert [n for n, _ in index["segments"]] == [CHUNK] * 5 and index["bytes"] == 40 * 3 * 64 * 64
     # as if the file were larger than FULL_CHECK_BYTES: only chunks 0 and 4 are checked
-    monkeypatch.setattr(batches, "FULL_CHECK_BYTES", 0)
-    monkeypatch.setattr(batches, "SAMPLED_SEGMENTS", 2)
+    monkeypatch.setattr(image_cache, "FULL_CHECK_BYTES", 0)
+    monkeypatch.setattr(image_cache, "SAMPLED_SEGMENTS", 2)
     flip_bit(tmp_path / name / "pixels.u8", 2 * CHUNK * 3 * 64 * 64 + 5)  # in chunk 2
     assert prepare(table, image_processor, tmp_path)[3] == []
     pixels, _, _, notices = prepare(table, image_processor, tmp_path, verify=True)
@@ -157,11 +155,11 @@ import numpy as np
 import datasets
 datasets.disable_progress_bars()
 from transformers import AutoProcessor
-import batches, data
+from captioning import decode, image_cache, sources
 
-table = data.load_source({folder!r})["train"]
+table = sources.load_source({folder!r})["train"]
 processor = AutoProcessor.from_pretrained({model!r}).image_processor
-decoded, real_open = [], data.open_image
+decoded, real_open = [], decode.open_image
 
 def counting_open(source, **options):
     decoded.append(source)
@@ -170,8 +168,8 @@ def counting_open(source, **options):
         sys.stdin.readline()  # the test lets it go on once the other process is waiting
     return real_open(source, **options)
 
-data.open_image = counting_open
-pixels, captions = batches.prepare_split(table, "image", "text", "train", processor, [], {cache!r}, chunk=8,
+decode.open_image = counting_open
+pixels, captions = image_cache.prepare_split(table, "image", "text", "train", processor, [], {cache!r}, chunk=8,
                                          notify=lambda line: print("notice:", line, flush=True))
 print(json.dumps({{"decoded": len(decoded), "crc": zlib.crc32(np.ascontiguousarray(pixels)),
                   "captions": captions}}), flush=True)
@@ -196,31 +194,31 @@ def test_two_processes_filling_one_entry_end_with_one_complete_entry(imagefolder
             first.proc.stdin.close()
             results = [json.loads(child.stdout.read(timeout=120)[-1]) for child in (first, second)]
             assert first.proc.wait(timeout=60) == 0 and second.proc.wait(timeout=60) == 0
-    fresh = prepare(data.load_source(imagefolder)["train"], image_processor, None)
+    fresh = prepare(sources.load_source(imagefolder)["train"], image_processor, None)
     assert [r["decoded"] for r in results] == [40, 0]  # the second read what the first made
     assert [r["crc"] for r in results] == [zlib.crc32(fresh[0])] * 2
     assert results[0]["captions"] == results[1]["captions"] == fresh[1]
     [name] = entries(cache)  # and no .tmp folder
-    assert ".tmp-" not in name and prepare(data.load_source(imagefolder)["train"], image_processor, cache,
+    assert ".tmp-" not in name and prepare(sources.load_source(imagefolder)["train"], image_processor, cache,
                                            verify=True)[3] == []
 
 
 def test_a_fill_that_loses_the_rename_keeps_the_winners_entry(imagefolder, image_processor, tmp_path, monkeypatch):
     """Without file locks (some network file systems) two fills run at once; the one that finishes
     second must not replace the entry of the first."""
-    table = data.load_source(imagefolder)["train"]
+    table = sources.load_source(imagefolder)["train"]
     prepare(table, image_processor, tmp_path / "other")
     [name] = entries(tmp_path / "other")
     (tmp_path / "other" / name / "winner").write_text("")
-    real_open = data.open_image
+    real_open = decode.open_image
 
     def finish_another_fill_first(source, **options):
         if not (tmp_path / "cache" / name).exists():
             shutil.copytree(tmp_path / "other" / name, tmp_path / "cache" / name)
         return real_open(source, **options)
 
-    monkeypatch.setattr(batches, "cache_lock", lambda cache_dir, notify: open(os.devnull))
-    monkeypatch.setattr(data, "open_image", finish_another_fill_first)
+    monkeypatch.setattr(image_cache, "cache_lock", lambda cache_dir, notify: open(os.devnull))
+    monkeypatch.setattr(decode, "open_image", finish_another_fill_first)
     pixels, captions, _, notices = prepare(table, image_processor, tmp_path / "cache")
     assert entries(tmp_path / "cache") == [name] and (tmp_path / "cache" / name / "winner").exists()
     fresh = prepare(table, image_processor, None)
@@ -239,7 +237,7 @@ def test_leftovers_of_dead_fills_are_removed_and_live_ones_kept(imagefolder, ima
             os.makedirs(cache / name)
             (cache / name / "pixels.u8").write_bytes(bytes(3 << 20))
         (cache / folders["elsewhere"] / "host").write_text("another-machine")  # a shared cache: not ours to judge
-        _, _, _, notices = prepare(data.load_source(imagefolder)["train"].select(range(4)), image_processor, cache)
+        _, _, _, notices = prepare(sources.load_source(imagefolder)["train"].select(range(4)), image_processor, cache)
         left = entries(cache)
         assert live.proc.poll() is None
     assert folders["live"] in left and folders["elsewhere"] in left
@@ -262,13 +260,13 @@ def large_jpegs(tmp_path_factory):
 
 
 def test_drafted_jpegs_are_close_to_exact_and_exact_is_the_processors_own(large_jpegs, image_processor, tmp_path):
-    table = data.load_source(large_jpegs)["train"]
-    draft = data.draft_size(image_processor)
+    table = sources.load_source(large_jpegs)["train"]
+    draft = decode.draft_size(image_processor)
     assert draft == 64  # the tiny GIT's 64 px: the decoder reads these at 1/8 size, 160 x 120
     exact = prepare(table, image_processor, tmp_path)
     drafted = prepare(table, image_processor, tmp_path, draft=draft, num_workers=2)
     files = [os.path.join(large_jpegs, f"{i}.jpg") for i in range(6)]
-    own = batches.to_pixels(image_processor, [data.open_image(f) for f in files])
+    own = batches.to_pixels(image_processor, [decode.open_image(f) for f in files])
     assert np.array_equal(exact[0], own)
     difference = np.abs(drafted[0].astype(np.int16) - exact[0]).mean()
     # measured 0.03-0.14 uint8 levels an image (mean 0.09) on such scenes at 64 and at 224 px

@@ -22,8 +22,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import data  # noqa: E402
-import synthetic  # noqa: E402
+from captioning import errors, image_cache, sources, synthetic  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -108,7 +107,7 @@ def flags(dataset, **kw):
 
 
 def paths_of(table, column="image"):
-    return [cell["path"] for cell in data.undecoded(table, column)[column]]
+    return [cell["path"] for cell in sources.undecoded(table, column)[column]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,21 +115,21 @@ def paths_of(table, column="image"):
 
 def test_coco_file_has_one_row_per_image_with_its_annotations_as_references(coco):
     path, images_dir, refs = coco
-    table = data.load_source(path, image_root=images_dir)
+    table = sources.load_source(path, image_root=images_dir)
     assert table.column_names == ["image", "text"] and len(table) == 20
     assert paths_of(table) == [os.path.join(images_dir, name) for name in refs]
     assert table["text"] == list(refs.values())
     assert [len(r) for r in table["text"]] == [1 + k % 3 for k in range(20)]  # several annotations, several refs
 
-    train, held_out = data.load_tables(flags(path, image_root=images_dir))  # no split of its own: --test-size
+    train, held_out = sources.load_tables(flags(path, image_root=images_dir))  # no split of its own: --test-size
     assert (len(train), len(held_out)) == (18, 2)
     assert sorted(paths_of(train) + paths_of(held_out)) == sorted(paths_of(table))
-    images, captions = data.read_rows(train, "image", "text", "train")
+    images, captions = sources.read_rows(train, "image", "text", "train")
     for image, caps, p in zip(images, captions, paths_of(train)):
         assert image.mode == "RGB" and image.size == (128, 128) and caps == refs[os.path.basename(p)]
         if p.endswith(".png"):  # lossless: the very scene written
             assert np.array_equal(np.asarray(image), np.asarray(Image.open(p).convert("RGB")))
-    again, _ = data.load_tables(flags(path, image_root=images_dir, seed=7))
+    again, _ = sources.load_tables(flags(path, image_root=images_dir, seed=7))
     assert paths_of(again) != paths_of(train)  # the split follows --seed
 
 
@@ -139,11 +138,11 @@ def test_the_image_root_defaults_to_the_files_folder_and_may_be_relative(coco, t
     beside = tmp_path / "captions.json"  # the file among its images: no --image-root needed
     shutil.copytree(images_dir, tmp_path, dirs_exist_ok=True)
     shutil.copy(path, beside)
-    table = data.load_source(str(beside))
+    table = sources.load_source(str(beside))
     assert paths_of(table) == [str(tmp_path / name) for name in refs]
-    assert len(data.read_rows(table, "image", "text", "train")[0]) == 20
+    assert len(sources.read_rows(table, "image", "text", "train")[0]) == 20
     monkeypatch.chdir(os.path.dirname(images_dir))
-    relative = data.load_source(path, image_root="train2017")
+    relative = sources.load_source(path, image_root="train2017")
     assert paths_of(relative) == [os.path.join(images_dir, name) for name in refs]  # made absolute
 
 
@@ -151,24 +150,36 @@ def test_karpathy_file_trains_on_train_and_restval_and_evaluates_on_val(karpathy
     path, rows = karpathy
     folder = os.path.dirname(path)
     expect = lambda *splits: [os.path.join(folder, r) for r, s, _ in rows if s in splits]  # noqa: E731
-    source = data.load_source(path)
+    source = sources.load_source(path)
     assert sorted(source) == ["test", "train", "val"]
-    train, held_out = data.load_tables(flags(path))
+    train, held_out = sources.load_tables(flags(path))
     assert paths_of(train) == expect("train", "restval")  # the file's own split, in file order
     assert paths_of(held_out) == expect("val")
     assert train["text"] == [refs for _, s, refs in rows if s in ("train", "restval")]
     assert held_out["text"] == [refs for _, s, refs in rows if s == "val"]
     assert [len(r) for r in train["text"]] == \
         [1 + i % 4 for i, s in enumerate(KARPATHY_SPLITS) if s in ("train", "restval")]
-    _, test = data.load_tables(flags(path, eval_split="test"))
+    _, test = sources.load_tables(flags(path, eval_split="test"))
     assert paths_of(test) == expect("test")
-    assert len(data.read_rows(train, "image", "text", "train")[0]) == 11
+    assert len(sources.read_rows(train, "image", "text", "train")[0]) == 11
 
-    with pytest.raises(data.DataError, match=r"^--eval-split 'dev': the dataset has no such split besides the one "
+    with pytest.raises(errors.DataError, match=r"^--eval-split 'dev': the dataset has no such split besides the one "
                                              r"trained on \('train'\); its splits are: train, val, test$"):
-        data.load_tables(flags(path, eval_split="dev"))
-    with pytest.raises(data.DataError, match=r"^--eval-split 'test': the dataset has no named splits"):
-        data.load_tables(flags("synthetic", eval_split="test"))
+        sources.load_tables(flags(path, eval_split="dev"))
+    with pytest.raises(errors.DataError, match=r"^--eval-split 'test': the dataset has no named splits"):
+        sources.load_tables(flags("synthetic", eval_split="test"))
+
+
+def test_a_karpathy_file_without_val_evaluates_on_test(tmp_path):
+    path, rows = write_karpathy(str(tmp_path))
+    doc = json.load(open(path))
+    for entry in doc["images"]:  # val images to train; test stays
+        entry["split"] = {"val": "train"}.get(entry["split"], entry["split"])
+    json.dump(doc, open(path, "w"))
+    folder = os.path.dirname(path)
+    train, held_out = sources.load_tables(flags(path))
+    assert paths_of(held_out) == [os.path.join(folder, r) for r, s, _ in rows if s == "test"]
+    assert paths_of(train) == [os.path.join(folder, r) for r, s, _ in rows if s in ("train", "restval", "val")]
 
 
 def test_a_karpathy_file_without_val_or_test_is_split_by_test_size(tmp_path):
@@ -177,18 +188,18 @@ def test_a_karpathy_file_without_val_or_test_is_split_by_test_size(tmp_path):
     for entry in doc["images"]:  # test images to restval, val to train
         entry["split"] = {"test": "restval", "val": "train"}.get(entry["split"], entry["split"])
     json.dump(doc, open(path, "w"))
-    train, held_out = data.load_tables(flags(path, test_size=0.25))
+    train, held_out = sources.load_tables(flags(path, test_size=0.25))
     assert (len(train), len(held_out)) == (12, 4)
 
 
 def test_the_column_flags_name_the_columns_of_a_caption_file(karpathy):
     path, rows = karpathy
-    train, held_out = data.load_tables(flags(path, image_column="img", text_column="captions"))
+    train, held_out = sources.load_tables(flags(path, image_column="img", text_column="captions"))
     assert train.column_names == held_out.column_names == ["img", "captions"]
-    images, captions = data.read_rows(held_out, "img", "captions", "eval")
+    images, captions = sources.read_rows(held_out, "img", "captions", "eval")
     assert captions == [refs for _, s, refs in rows if s == "val"] and len(images) == 3
-    with pytest.raises(data.DataError, match=r"^--image-column and --text-column are both 'x'"):
-        data.load_tables(flags(path, image_column="x", text_column="x"))
+    with pytest.raises(errors.DataError, match=r"^--image-column and --text-column are both 'x'"):
+        sources.load_tables(flags(path, image_column="x", text_column="x"))
 
 
 def test_a_missing_image_or_an_image_without_annotations_is_a_bad_row(coco, tmp_path):
@@ -198,38 +209,37 @@ def test_a_missing_image_or_an_image_without_annotations_is_a_bad_row(coco, tmp_
     doc = json.load(open(path))
     doc["annotations"] = [a for a in doc["annotations"] if a["image_id"] != 1005]
     json.dump(doc, open(tmp_path / "c.json", "w"))
-    table = data.load_source(str(tmp_path / "c.json"), image_root=str(tmp_path / "images"))
+    table = sources.load_source(str(tmp_path / "c.json"), image_root=str(tmp_path / "images"))
     assert len(table) == 20
     skipped = []
-    images, captions = data.read_rows(table, "image", "text", "train", skipped)
+    images, captions = sources.read_rows(table, "image", "text", "train", skipped)
     assert len(images) == 18
     assert skipped == [
         f"train row 3 ({tmp_path}/images/000000000003.jpg, named in {tmp_path}/c.json images[3]): no such file",
         f"train row 5 ({tmp_path}/images/000000000005.jpg): no caption: column 'text' holds an empty list "
         f"(in a COCO file: an image without annotations)"]
-    with pytest.raises(data.DataError, match=r"c.json images\[3\]\): no such file$"):  # --on-bad-sample error
-        data.read_rows(table, "image", "text", "train")
+    with pytest.raises(errors.DataError, match=r"c.json images\[3\]\): no such file$"):  # --on-bad-sample error
+        sources.read_rows(table, "image", "text", "train")
 
 
 def test_a_changed_image_or_caption_changes_the_fingerprint_that_names_the_cache(coco, tmp_path, tiny_model_dir):
-    import batches
     from transformers import AutoProcessor
 
     path, images_dir, refs = coco
     shutil.copytree(os.path.dirname(images_dir), tmp_path / "coco")
     path = str(tmp_path / "coco" / "annotations" / "captions_train.json")
     images_dir = str(tmp_path / "coco" / "train2017")
-    first = data.load_source(path, image_root=images_dir)
-    assert data.load_source(path, image_root=images_dir)._fingerprint == first._fingerprint
+    first = sources.load_source(path, image_root=images_dir)
+    assert sources.load_source(path, image_root=images_dir)._fingerprint == first._fingerprint
     processor = AutoProcessor.from_pretrained(tiny_model_dir).image_processor
     cache = str(tmp_path / "cache")
-    before, _ = batches.prepare_split(first, "image", "text", "train", processor, [], cache)
+    before, _ = image_cache.prepare_split(first, "image", "text", "train", processor, [], cache)
 
     save_scene(os.path.join(images_dir, "000000000002.png"), 99, 0)  # another scene under the same name
     os.utime(os.path.join(images_dir, "000000000002.png"), ns=(1, 1))  # and an old time: what counts is a change
-    changed = data.load_source(path, image_root=images_dir)
+    changed = sources.load_source(path, image_root=images_dir)
     assert changed._fingerprint != first._fingerprint
-    after, _ = batches.prepare_split(changed, "image", "text", "train", processor, [], cache)
+    after, _ = image_cache.prepare_split(changed, "image", "text", "train", processor, [], cache)
     assert len(os.listdir(cache)) == 2  # a new entry, not the stale one
     assert not np.array_equal(after[2], before[2])
     assert np.array_equal(np.delete(after, 2, axis=0), np.delete(before, 2, axis=0))
@@ -237,7 +247,7 @@ def test_a_changed_image_or_caption_changes_the_fingerprint_that_names_the_cache
     doc = json.load(open(path))
     doc["annotations"][0]["caption"] = "a different caption"
     json.dump(doc, open(path, "w"))
-    assert data.load_source(path, image_root=images_dir)._fingerprint not in (first._fingerprint, changed._fingerprint)
+    assert sources.load_source(path, image_root=images_dir)._fingerprint not in (first._fingerprint, changed._fingerprint)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,8 +315,8 @@ def test_a_bad_caption_file_is_one_line_naming_the_file_and_entry(case, tmp_path
     content, problem = BAD_FILES[case]
     path = tmp_path / "captions.json"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    with pytest.raises(data.DataError) as e:
-        data.load_source(str(path))
+    with pytest.raises(errors.DataError) as e:
+        sources.load_source(str(path))
     assert str(e.value).startswith(f"{path}{problem}") and "\n" not in str(e.value), str(e.value)
 
 
@@ -317,8 +327,8 @@ def test_bad_names_and_flags_around_a_caption_file_are_one_line(coco, imagefolde
              ((imagefolder,), {"image_root": images_dir},
               f"--image-root is for a COCO or Karpathy caption file (.json); --dataset '{imagefolder}' is not one")]
     for args, kw, message in cases:
-        with pytest.raises(data.DataError) as e:
-            data.load_source(*args, **kw)
+        with pytest.raises(errors.DataError) as e:
+            sources.load_source(*args, **kw)
         assert str(e.value) == message
 
 
@@ -452,7 +462,7 @@ def load_once(path, root=None):
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    train, held_out = data.load_tables(flags(path, image_root=root))
+    train, held_out = sources.load_tables(flags(path, image_root=root))
     seconds = time.perf_counter() - t0
     grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     print(f"train {len(train)}, eval {len(held_out)} in {seconds:.2f} s, peak memory +{grown:.0f} MB")

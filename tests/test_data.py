@@ -14,15 +14,13 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
-import batches
-import data
-import synthetic
+from captioning import batches, decode, errors, image_cache, sources, synthetic
 from conftest import ROOT
 
 
 def rows(source, test_size=0.1, seed=0):
-    train, held_out = data.split_source(source, test_size, seed)
-    return data.read_rows(train, "image", "text", "train"), data.read_rows(held_out, "image", "text", "eval")
+    train, held_out = sources.split_source(source, test_size, seed)
+    return sources.read_rows(train, "image", "text", "train"), sources.read_rows(held_out, "image", "text", "eval")
 
 
 def test_synthetic_is_deterministic_and_compositional():
@@ -40,7 +38,7 @@ def test_synthetic_is_deterministic_and_compositional():
 
 
 def test_imagefolder_jsonl_source(imagefolder):
-    (train_images, train_caps), (eval_images, eval_caps) = rows(data.load_source(imagefolder))
+    (train_images, train_caps), (eval_images, eval_caps) = rows(sources.load_source(imagefolder))
     assert len(train_images) == 36 and len(eval_images) == 4
     assert all(im.mode == "RGB" for im in train_images)
     truth = {json.loads(l)["text"] for l in open(os.path.join(imagefolder, "metadata.jsonl"))}
@@ -55,29 +53,29 @@ def test_imagefolder_csv_source_with_own_caption_column(tmp_path):
         w = csv.writer(f)
         w.writerow(["file_name", "caption"])
         w.writerows([[f"{i}.png", f"scene number {i}"] for i in range(10)])
-    train, held_out = data.split_source(data.load_source(str(tmp_path)), 0.2, 0)
-    images, caps = data.read_rows(train, "image", "caption", "train")
+    train, held_out = sources.split_source(sources.load_source(str(tmp_path)), 0.2, 0)
+    images, caps = sources.read_rows(train, "image", "caption", "train")
     assert len(images) == 8 and all(c[0].startswith("scene number") for c in caps)
-    with pytest.raises(data.DataError, match=r"no column 'text' \(--text-column\); columns are: image, caption"):
-        data.read_rows(train, "image", "text", "train")
+    with pytest.raises(errors.DataError, match=r"no column 'text' \(--text-column\); columns are: image, caption"):
+        sources.read_rows(train, "image", "text", "train")
 
 
 def test_save_to_disk_source_uses_its_own_validation_split(tmp_path):
     ds = datasets.DatasetDict({"train": synthetic.dataset(12, seed=0), "validation": synthetic.dataset(5, seed=9)})
     ds.save_to_disk(str(tmp_path / "saved"))
-    (train_images, _), (eval_images, eval_caps) = rows(data.load_source(str(tmp_path / "saved")))
+    (train_images, _), (eval_images, eval_caps) = rows(sources.load_source(str(tmp_path / "saved")))
     assert len(train_images) == 12 and len(eval_images) == 5
     assert [c[0] for c in eval_caps] == list(ds["validation"]["text"])
 
 
 def test_unreachable_hub_dataset_and_missing_folder_are_one_line_errors(tmp_path):
-    with pytest.raises(data.DataError, match="dataset 'nobody/no-such-captions' is not a local folder and could not be loaded") as e:
-        data.load_source("nobody/no-such-captions")
+    with pytest.raises(errors.DataError, match="dataset 'nobody/no-such-captions' is not a local folder and could not be loaded") as e:
+        sources.load_source("nobody/no-such-captions")
     assert "\n" not in str(e.value)
-    with pytest.raises(data.DataError, match="does not exist"):
-        data.load_source(str(tmp_path / "nope") + "/")
-    with pytest.raises(data.DataError, match="neither metadata"):
-        data.load_source(str(tmp_path))
+    with pytest.raises(errors.DataError, match="does not exist"):
+        sources.load_source(str(tmp_path / "nope") + "/")
+    with pytest.raises(errors.DataError, match="neither metadata"):
+        sources.load_source(str(tmp_path))
 
 
 def test_a_hub_dataset_that_is_reached_but_unreadable_is_one_line_with_the_reason(monkeypatch):
@@ -87,8 +85,8 @@ def test_a_hub_dataset_that_is_reached_but_unreadable_is_one_line_with_the_reaso
         raise pyarrow.lib.ArrowInvalid("JSON parse error: Missing a name for object member. in row 4\nmore detail")
 
     monkeypatch.setattr(datasets, "load_dataset", damaged)
-    with pytest.raises(data.DataError) as e:
-        data.load_source("someone/captions")
+    with pytest.raises(errors.DataError) as e:
+        sources.load_source("someone/captions")
     assert str(e.value) == ("dataset 'someone/captions' (Hugging Face Hub) could not be loaded: ArrowInvalid: "
                             "JSON parse error: Missing a name for object member. in row 4")
 
@@ -206,31 +204,31 @@ def encoded(img, fmt, **kw):
 
 def test_every_image_mode_becomes_upright_rgb():
     red = Image.new("RGB", (8, 4), (255, 0, 0))
-    assert data.open_image(encoded(red.convert("L"), "PNG")).mode == "RGB"
+    assert decode.open_image(encoded(red.convert("L"), "PNG")).mode == "RGB"
     la = Image.new("LA", (4, 4), (0, 0))  # fully transparent black: shows the white background
-    assert data.open_image(encoded(la, "PNG")).getpixel((0, 0)) == (255, 255, 255)
+    assert decode.open_image(encoded(la, "PNG")).getpixel((0, 0)) == (255, 255, 255)
     rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 255))
-    assert data.open_image(encoded(rgba, "PNG")).getpixel((0, 0)) == (255, 0, 0)
+    assert decode.open_image(encoded(rgba, "PNG")).getpixel((0, 0)) == (255, 0, 0)
     pal = red.convert("P")
-    assert data.open_image(encoded(pal, "PNG")).getpixel((0, 0)) == (255, 0, 0)
-    cmyk = data.open_image(encoded(red.convert("CMYK"), "JPEG", quality=100))
+    assert decode.open_image(encoded(pal, "PNG")).getpixel((0, 0)) == (255, 0, 0)
+    cmyk = decode.open_image(encoded(red.convert("CMYK"), "JPEG", quality=100))
     assert cmyk.mode == "RGB" and cmyk.getpixel((4, 2))[0] > 200 and cmyk.getpixel((4, 2))[2] < 60
     deep = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))  # mid-grey in 16 bits
     assert deep.mode.startswith("I")
-    grey = data.open_image(encoded(deep, "PNG")).getpixel((0, 0))
+    grey = decode.open_image(encoded(deep, "PNG")).getpixel((0, 0))
     assert 120 <= grey[0] <= 135 and grey[0] == grey[1] == grey[2]
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees to display
-    rotated = data.open_image(encoded(red, "JPEG", exif=exif.tobytes()))
+    rotated = decode.open_image(encoded(red, "JPEG", exif=exif.tobytes()))
     assert rotated.size == (4, 8)
 
 
 def test_bad_images_name_the_file(tmp_path):
-    with pytest.raises(data.DataError, match="nope.png: no such file"):
-        data.open_image(str(tmp_path / "nope.png"))
+    with pytest.raises(errors.DataError, match="nope.png: no such file"):
+        decode.open_image(str(tmp_path / "nope.png"))
     (tmp_path / "text.png").write_text("not an image")
-    with pytest.raises(data.DataError, match="text.png: not a readable image"):
-        data.open_image(str(tmp_path / "text.png"))
+    with pytest.raises(errors.DataError, match="text.png: not a readable image"):
+        decode.open_image(str(tmp_path / "text.png"))
 
 
 def test_a_list_column_gives_several_references_per_image(tmp_path):
@@ -240,7 +238,7 @@ def test_a_list_column_gives_several_references_per_image(tmp_path):
                                        features=datasets.Features({"image": datasets.Image(),
                                                                    "captions": datasets.Sequence(datasets.Value("string"))}))
     table.save_to_disk(str(tmp_path / "multi"))
-    images, captions = data.read_rows(data.load_source(str(tmp_path / "multi")), "image", "captions", "train")
+    images, captions = sources.read_rows(sources.load_source(str(tmp_path / "multi")), "image", "captions", "train")
     assert captions == refs and len(images) == 6
 
 
@@ -259,23 +257,23 @@ def test_prepared_splits_are_cached_and_reread_without_decoding(imagefolder, tmp
     folder = tmp_path / "data"
     shutil.copytree(imagefolder, folder)
     os.remove(folder / "000003.png")  # a bad row: listed in `skipped`, also when read from the cache
-    table = data.load_source(str(folder))["train"]
+    table = sources.load_source(str(folder))["train"]
     skipped = []
-    fresh, captions = batches.prepare_split(table, "image", "text", "train", processor.image_processor, skipped,
+    fresh, captions = image_cache.prepare_split(table, "image", "text", "train", processor.image_processor, skipped,
                                          str(tmp_path / "cache"))
     assert len(captions) == 39 and len(skipped) == 1 and "000003.png" in skipped[0]
 
-    decoded, real_open = [], data.open_image
-    monkeypatch.setattr(data, "open_image",
+    decoded, real_open = [], decode.open_image
+    monkeypatch.setattr(decode, "open_image",
                         lambda source, **options: decoded.append(source) or real_open(source, **options))
     again_skipped = []
-    cached, again = batches.prepare_split(table, "image", "text", "train", processor.image_processor, again_skipped,
+    cached, again = image_cache.prepare_split(table, "image", "text", "train", processor.image_processor, again_skipped,
                                        str(tmp_path / "cache"))
     assert decoded == [] and isinstance(cached, np.memmap)  # read from disk, mapped, not decoded
     assert np.array_equal(cached, fresh) and again == captions and again_skipped == skipped
-    with pytest.raises(data.DataError, match="000003.png"):  # --on-bad-sample error, from the cache too
-        batches.prepare_split(table, "image", "text", "train", processor.image_processor, None, str(tmp_path / "cache"))
-    in_memory, _ = batches.prepare_split(table.select(range(10)), "image", "text", "train", processor.image_processor,
+    with pytest.raises(errors.DataError, match="000003.png"):  # --on-bad-sample error, from the cache too
+        image_cache.prepare_split(table, "image", "text", "train", processor.image_processor, None, str(tmp_path / "cache"))
+    in_memory, _ = image_cache.prepare_split(table.select(range(10)), "image", "text", "train", processor.image_processor,
                                       [], None)
     assert len(decoded) == 10 and len(in_memory) == 9  # no cache: decoded every time (row 3 is the bad one)
     assert sorted(os.listdir(tmp_path / "cache"))[0].startswith("train-") and len(os.listdir(tmp_path / "cache")) == 1
@@ -284,21 +282,21 @@ def test_prepared_splits_are_cached_and_reread_without_decoding(imagefolder, tmp
 def test_a_fifo_and_an_image_over_the_pixel_limit_are_bad_rows_not_a_hang(tmp_path, tiny_model_dir):
     processor = AutoProcessor.from_pretrained(tiny_model_dir).image_processor
     folder = tmp_path / "data"
-    data.write_imagefolder(synthetic.dataset(4, seed=3), str(folder))
+    sources.write_imagefolder(synthetic.dataset(4, seed=3), str(folder))
     os.mkfifo(folder / "pipe.png")  # nothing writes to it: a read would wait forever
     Image.new("L", (12000, 12000), 90).save(folder / "huge.png")  # 144 Mpx in a small file
     with open(folder / "metadata.jsonl", "a") as f:
         f.write('{"file_name": "pipe.png", "text": "a pipe"}\n{"file_name": "huge.png", "text": "a grey square"}\n')
-    table = data.load_source(str(folder))["train"]
+    table = sources.load_source(str(folder))["train"]
     skipped = []
-    _, captions = batches.prepare_split(table, "image", "text", "train", processor, skipped, str(tmp_path / "cache"),
+    _, captions = image_cache.prepare_split(table, "image", "text", "train", processor, skipped, str(tmp_path / "cache"),
                                         num_workers=2)
     assert len(captions) == 4
     assert skipped == [f"train row 4 ({folder / 'pipe.png'}): a FIFO, not an image file; only regular files are read",
                        f"train row 5 ({folder / 'huge.png'}): refused, too many pixels: 12000 x 12000 is 144.0 Mpx, "
                        f"over --max-image-pixels 40,000,000"]
     skipped = []  # the limit decides the rows kept, so it names its own cache entry
-    _, captions = batches.prepare_split(table, "image", "text", "train", processor, skipped, str(tmp_path / "cache"),
+    _, captions = image_cache.prepare_split(table, "image", "text", "train", processor, skipped, str(tmp_path / "cache"),
                                         max_pixels=0)
     assert captions[-1] == ["a grey square"] and len(skipped) == 1 and "pipe.png" in skipped[0]
     assert len(os.listdir(tmp_path / "cache")) == 2
@@ -308,13 +306,13 @@ def test_a_fifo_and_an_image_over_the_pixel_limit_are_bad_rows_not_a_hang(tmp_pa
 # Bad data named in one line: metadata lines, damaged save_to_disk folders, captions without words, small splits
 
 def scenes(folder, n=6, seed=5):
-    data.write_imagefolder(synthetic.dataset(n, seed=seed), str(folder))
+    sources.write_imagefolder(synthetic.dataset(n, seed=seed), str(folder))
     return folder
 
 
 def load_error(folder):
-    with pytest.raises(data.DataError) as e:
-        data.load_source(str(folder))
+    with pytest.raises(errors.DataError) as e:
+        sources.load_source(str(folder))
     assert "\n" not in str(e.value)
     return str(e.value)
 
@@ -385,14 +383,14 @@ def test_a_bad_metadata_csv_record_is_named_by_its_line(tmp_path, text, problem)
 def test_a_missing_image_is_a_bad_row_named_by_its_metadata_line(tmp_path):
     folder = scenes(tmp_path / "scenes")
     os.remove(folder / "000002.png")
-    table = data.load_source(str(folder))["train"]
+    table = sources.load_source(str(folder))["train"]
     skipped = []
-    images, captions = data.read_rows(table, "image", "text", "train", skipped)
+    images, captions = sources.read_rows(table, "image", "text", "train", skipped)
     assert len(images) == 5 and len(skipped) == 1
     assert skipped[0] == (f"train row 2 ({folder / '000002.png'}, named on {folder}/metadata.jsonl line 3): "
                           f"no such file")
-    with pytest.raises(data.DataError, match=r"metadata.jsonl line 3\): no such file"):  # --on-bad-sample error
-        data.read_rows(table, "image", "text", "train")
+    with pytest.raises(errors.DataError, match=r"metadata.jsonl line 3\): no such file"):  # --on-bad-sample error
+        sources.read_rows(table, "image", "text", "train")
 
 
 def test_a_surrogate_pair_escape_is_one_character_and_loads(tmp_path):
@@ -400,7 +398,7 @@ def test_a_surrogate_pair_escape_is_one_character_and_loads(tmp_path):
     lines = (folder / "metadata.jsonl").read_text().splitlines()
     lines[3] = r'{"file_name": "000003.png", "text": "a smile \ud83d\ude00 and a \u00e9"}'  # as ensure_ascii writes it
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    images, captions = data.read_rows(data.load_source(str(folder))["train"], "image", "text", "train")
+    images, captions = sources.read_rows(sources.load_source(str(folder))["train"], "image", "text", "train")
     assert len(images) == 6 and captions[3] == ["a smile \U0001F600 and a \u00e9"]
 
 
@@ -414,9 +412,9 @@ def test_a_backslash_in_a_file_name_is_a_folder_separator_as_datasets_reads_it(t
     rows = [json.loads(line) for line in open(folder / "metadata.jsonl")]
     rows[2]["file_name"], rows[4]["file_name"] = "back\\slash.png", "sub\\000004.png"
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    table = data.load_source(str(folder))["train"]
+    table = sources.load_source(str(folder))["train"]
     skipped = []
-    images, captions = data.read_rows(table, "image", "text", "train", skipped)
+    images, captions = sources.read_rows(table, "image", "text", "train", skipped)
     assert skipped == [f"train row 2 ({folder / 'back' / 'slash.png'}, named on {folder}/metadata.jsonl line 3, "
                        f"whose backslash datasets reads as a folder separator: rename the file back\\slash.png): "
                        f"no such file"]
@@ -473,37 +471,37 @@ def test_a_caption_without_words_is_a_bad_row_and_leaves_a_list_of_references(tm
     refs = [["..."], ["a cat", "¡¿", " "], ["!!!", ""], ["a dog."]]
     table = datasets.Dataset.from_dict({"image": list(drawn["image"]), "text": refs})
     skipped = []
-    images, captions = data.read_rows(table, "image", "text", "eval", skipped)
+    images, captions = sources.read_rows(table, "image", "text", "eval", skipped)
     assert captions == [["a cat"], ["a dog."]] and len(images) == 2
     assert [line.split(": ", 1)[1] for line in skipped] == [
         "caption '...' in column 'text' has no words (only punctuation or symbols)",
         "caption '!!!' in column 'text' has no words (only punctuation or symbols)"]
     assert [line.split(" (")[0] for line in skipped] == ["eval row 0", "eval row 2"]
-    with pytest.raises(data.DataError, match=r"^eval row 0 .*'\.\.\.' in column 'text' has no words"):
-        data.read_rows(table, "image", "text", "eval")
-    assert data.caption_texts(table, "text") == ["a cat", "a dog."]  # what a tiny GIT learns its tokenizer from
+    with pytest.raises(errors.DataError, match=r"^eval row 0 .*'\.\.\.' in column 'text' has no words"):
+        sources.read_rows(table, "image", "text", "eval")
+    assert sources.caption_texts(table, "text") == ["a cat", "a dog."]  # what a tiny GIT learns its tokenizer from
 
 
 def test_too_few_rows_to_split_is_one_line_saying_what_is_needed():
-    with pytest.raises(data.DataError) as e:
-        data.split_source(synthetic.dataset(1, seed=0), 0.1, 0)
+    with pytest.raises(errors.DataError) as e:
+        sources.split_source(synthetic.dataset(1, seed=0), 0.1, 0)
     assert str(e.value) == ("1 row cannot be split into train and eval with --test-size 0.1 (0 to train on, 1 to "
                             "evaluate): that needs at least 2 rows, or a source with its own validation split")
-    with pytest.raises(data.DataError, match=r"^5 rows .* --test-size 0.9 \(0 to train on, 5 to evaluate\): "
+    with pytest.raises(errors.DataError, match=r"^5 rows .* --test-size 0.9 \(0 to train on, 5 to evaluate\): "
                                              r"that needs at least 10 rows"):
-        data.split_source(synthetic.dataset(5, seed=0), 0.9, 0)
-    train, held_out = data.split_source(synthetic.dataset(10, seed=0), 0.9, 0)  # the 10 it asked for are enough
+        sources.split_source(synthetic.dataset(5, seed=0), 0.9, 0)
+    train, held_out = sources.split_source(synthetic.dataset(10, seed=0), 0.9, 0)  # the 10 it asked for are enough
     assert (len(train), len(held_out)) == (1, 9)
     empty = datasets.DatasetDict({"train": synthetic.dataset(4, seed=0),
                                   "validation": synthetic.dataset(3, seed=0).select([])})
-    with pytest.raises(data.DataError, match=r"^the dataset's 'validation' split has no rows$"):
-        data.split_source(empty, 0.1, 0)
+    with pytest.raises(errors.DataError, match=r"^the dataset's 'validation' split has no rows$"):
+        sources.split_source(empty, 0.1, 0)
 
 
 def test_imagefolder_with_split_folders_and_with_split_words_in_its_file_names(tmp_path):
     scenes(tmp_path / "splits" / "train", n=6, seed=1)
     scenes(tmp_path / "splits" / "validation", n=3, seed=2)
-    train, held_out = data.split_source(data.load_source(str(tmp_path / "splits")), 0.1, 0)
+    train, held_out = sources.split_source(sources.load_source(str(tmp_path / "splits")), 0.1, 0)
     assert (len(train), len(held_out)) == (6, 3)
     assert list(held_out["text"]) == list(synthetic.dataset(3, seed=2)["text"])
     # COCO's names: `datasets` reads "train" in them as a split name and, left to itself, ignores the
@@ -514,7 +512,7 @@ def test_imagefolder_with_split_folders_and_with_split_words_in_its_file_names(t
         row["file_name"] = f"COCO_train2014_{row['file_name']}"
         os.rename(folder / row["file_name"].removeprefix("COCO_train2014_"), folder / row["file_name"])
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    table = data.load_source(str(folder))["train"]
+    table = sources.load_source(str(folder))["train"]
     assert sorted(table.column_names) == ["image", "text"] and list(table["text"]) == [r["text"] for r in rows]
 
 
@@ -525,8 +523,8 @@ def test_an_imagefolder_without_a_caption_column_is_one_line(tmp_path):
     args = argparse.Namespace(dataset=str(folder), seed=0, synthetic_size=10, test_size=0.5, image_column="image",
                               text_column="text")
     no_text = r"^train split has no column 'text' \(--text-column\); columns are: image$"
-    with pytest.raises(data.DataError, match=no_text):
-        data.load_tables(args)
+    with pytest.raises(errors.DataError, match=no_text):
+        sources.load_tables(args)
 
 
 def train_cli(tmp_path, *args):

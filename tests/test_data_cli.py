@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data
-import metrics
-import synthetic
+from captioning import sources, strings, synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +33,7 @@ def bad_folder(tmp_path_factory):
     """12 scenes; 000003.png is not an image, row 000005 has an empty caption, 000007 a blank one, 000009
     one of punctuation only."""
     out = str(tmp_path_factory.mktemp("bad-imagefolder"))
-    data.write_imagefolder(synthetic.dataset(12, seed=2), out)
+    sources.write_imagefolder(synthetic.dataset(12, seed=2), out)
     with open(os.path.join(out, "000003.png"), "wb") as f:
         f.write(b"this is not a PNG file")
     rows = [json.loads(line) for line in open(os.path.join(out, "metadata.jsonl"))]
@@ -136,7 +134,7 @@ def test_stats_warns_about_bad_rows_by_name_instead_of_failing(bad_folder):
     assert sorted(os.path.basename(n.split("(")[1].rstrip(")")) for n in w["empty_caption"]["first"]) == \
         ["000005.png", "000007.png", "000009.png"]
     assert s["captions_per_image"]["min"] == 0
-    good = [c for c in captions_of(bad_folder) if metrics.normalize(c)]
+    good = [c for c in captions_of(bad_folder) if strings.normalize(c)]
     assert s["caption_length"]["max"] == max(len(c.split()) for c in good)
     assert s["image_width"]["min"] == 128  # the 11 readable images
 
@@ -176,13 +174,13 @@ def bad_sources(root):
     """Folders that stopped `data.py` with a traceback before: {name: (folder, what the error must say)}."""
     out = {}
     folder = root / "bad-jsonl"
-    data.write_imagefolder(synthetic.dataset(6, seed=3), str(folder))
+    sources.write_imagefolder(synthetic.dataset(6, seed=3), str(folder))
     lines = (folder / "metadata.jsonl").read_text().splitlines()
     lines[3] = lines[3].replace('"text": "', '"text": "a \\q ')  # an escape JSON does not have
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     out["jsonl"] = folder, f"{folder}/metadata.jsonl line 4: not valid JSON (Invalid \\escape: column "
     folder = root / "bad-csv"
-    data.write_imagefolder(synthetic.dataset(6, seed=3), str(folder))
+    sources.write_imagefolder(synthetic.dataset(6, seed=3), str(folder))
     os.remove(folder / "metadata.jsonl")
     (folder / "metadata.csv").write_text("file_name,text\n000000.png,a cat\n000001.png,\"a dog\n")
     out["csv"] = folder, f"{folder}/metadata.csv line 3: a quoted field opens here and is never closed"
@@ -193,7 +191,7 @@ def bad_sources(root):
         f.truncate(os.path.getsize(folder / arrow) - 100)
     out["saved"] = folder, f"{folder}/{arrow}: not a whole Arrow file"
     folder = root / "one-row"
-    data.write_imagefolder(synthetic.dataset(1, seed=3), str(folder))
+    sources.write_imagefolder(synthetic.dataset(1, seed=3), str(folder))
     out["one row"] = folder, "1 row cannot be split into train and eval with --test-size 0.1"
     return out
 

@@ -22,9 +22,8 @@ import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
-import data
 import infer
-import synthetic
+from captioning import captioner, decode, gitmodel, synthetic  # noqa: E402
 from conftest import ROOT, Child, descendants, wait_until_gone
 
 INFER = os.path.join(ROOT, "infer.py")
@@ -75,10 +74,10 @@ def pictures(tmp_path_factory):
 
 def test_folders_expand_sorted_and_recursive_on_request(pictures):
     root, _ = pictures
-    flat = infer.expand_inputs([str(root)])
+    flat = captioner.expand_inputs([str(root)])
     names = ["a.png", "b.jpg", "c.png", "d.jpg", "e.png", "f16.png", "g_exif.jpg"]
     assert [os.path.basename(p) for p in flat] == names
-    deep = infer.expand_inputs([str(root), str(root / "a.png")], recursive=True)
+    deep = captioner.expand_inputs([str(root), str(root / "a.png")], recursive=True)
     assert [os.path.relpath(p, root) for p in deep] == names + ["sub/h.png", "sub/large.jpg", "a.png"]
 
 
@@ -116,13 +115,13 @@ def test_batched_greedy_equals_one_at_a_time_and_csv_output(pictures, unseen, tr
     # A trained model, so that the captions differ and end at different steps: a batch then holds
     # finished captions padded beside unfinished ones. Plus five images of other modes and formats.
     root, _ = pictures
-    files = unseen + infer.expand_inputs([str(root)], recursive=True)[:5]
+    files = unseen + captioner.expand_inputs([str(root)], recursive=True)[:5]
     model = os.path.join(trained_run, "best")
     tokenizer = AutoTokenizer.from_pretrained(model)
     captions = {}
     for precision in ("fp32", "bf16"):
-        batched = infer.caption(files, model=model, precision=precision, batch_size=4)  # 4, 4, 4, 3
-        single = infer.caption(files, model=model, precision=precision, batch_size=1)
+        batched = captioner.caption(files, model=model, precision=precision, batch_size=4)  # 4, 4, 4, 3
+        single = captioner.caption(files, model=model, precision=precision, batch_size=1)
         assert batched == single, precision
         assert len(batched) == 15 and all(isinstance(c, str) and c for c in batched)
         assert len(set(batched[:10])) >= 6, (precision, batched)
@@ -138,14 +137,14 @@ def test_batched_greedy_equals_one_at_a_time_and_csv_output(pictures, unseen, tr
 def test_beams_and_sampling_give_several_captions(pictures, tiny_model_dir):
     root, _ = pictures
     files = [str(root / "a.png"), str(root / "c.png")]
-    beams = infer.caption(files, model=tiny_model_dir, precision="fp32", num_beams=3, num_captions=3)
+    beams = captioner.caption(files, model=tiny_model_dir, precision="fp32", num_beams=3, num_captions=3)
     assert [len(c) for c in beams] == [3, 3] and all(len(set(c)) == 3 for c in beams)  # three hypotheses each
-    sampled = infer.caption(files, model=tiny_model_dir, precision="fp32", do_sample=True, temperature=1.5,
+    sampled = captioner.caption(files, model=tiny_model_dir, precision="fp32", do_sample=True, temperature=1.5,
                             num_captions=2, seed=3)
-    again = infer.caption(files, model=tiny_model_dir, precision="fp32", do_sample=True, temperature=1.5,
+    again = captioner.caption(files, model=tiny_model_dir, precision="fp32", do_sample=True, temperature=1.5,
                           num_captions=2, seed=3)
     assert sampled == again and [len(c) for c in sampled] == [2, 2]
-    reseeded = infer.caption(files, model=tiny_model_dir, precision="fp32", do_sample=True, temperature=1.5,
+    reseeded = captioner.caption(files, model=tiny_model_dir, precision="fp32", do_sample=True, temperature=1.5,
                              num_captions=2, seed=4)
     assert reseeded != sampled  # the seed, not greedy decoding, made the two draws equal
 
@@ -182,8 +181,8 @@ def test_urls_are_downloaded_with_a_size_cap(pictures, tiny_model_dir):
 def test_training_output_folder_means_its_best_model(tmp_path, tiny_model_dir):
     os.makedirs(tmp_path / "run")
     os.symlink(tiny_model_dir, tmp_path / "run" / "best")
-    assert infer.resolve_model(str(tmp_path / "run")) == str(tmp_path / "run" / "best")
-    assert infer.resolve_model(tiny_model_dir) == tiny_model_dir
+    assert gitmodel.resolve_model(str(tmp_path / "run")) == str(tmp_path / "run" / "best")
+    assert gitmodel.resolve_model(tiny_model_dir) == tiny_model_dir
 
 
 def test_flag_errors_answer_without_loading_torch(tmp_path):
@@ -480,7 +479,7 @@ def test_resume_appends_new_inputs_to_a_finished_file_and_a_stale_partial_is_sta
     assert nowhere.stderr == f"error: --output {str(tmp_path / 'no' / 'out.jsonl')!r}: No such file or directory\n"
 
 
-class CountingReader(infer.Reader):
+class CountingReader(captioner.Reader):
     """infer's Reader that appends each index it is asked for to a file as it starts on it (the
     workers are other processes: a file is what they share with the test)."""
 
@@ -502,13 +501,13 @@ def test_workers_read_at_most_batch_x_prefetch_images_ahead(photos, tiny_model_d
     image_processor = AutoProcessor.from_pretrained(tiny_model_dir).image_processor
     log, batch = str(tmp_path / "started.log"), 2
     reader = CountingReader(photos[:30], log)
-    ahead = workers * infer.PREFETCH  # batches the workers may hold besides the one being captioned
+    ahead = workers * captioner.PREFETCH  # batches the workers may hold besides the one being captioned
 
     def started():
         return open(log).read().split() if os.path.exists(log) else []
 
     seen = []
-    for k, (rows, pixels) in enumerate(infer.loader(reader, image_processor, batch, workers)):
+    for k, (rows, pixels) in enumerate(captioner.loader(reader, image_processor, batch, workers)):
         seen += [row["image"] for row in rows]
         assert pixels.shape == (batch, 3, 64, 64)
         allowed = min(30, (k + 1 + ahead) * batch)
@@ -528,7 +527,7 @@ def test_bad_inputs_in_order_spoil_nothing_and_num_workers_0_and_2_agree(picture
              str(root / "c.png"), str(bad / "missing.png"), str(root / "d.jpg"),
              str(root / "sub" / "large.jpg"), str(bad / "text.png"), str(root / "e.png")]
     good = [f for f in files if f.startswith(str(root))]
-    alone = dict(zip(good, infer.caption(good, model=model, precision="fp32", batch_size=1)))
+    alone = dict(zip(good, captioner.caption(good, model=model, precision="fp32", batch_size=1)))
     runs = {}
     for workers in (0, 2):
         out = tmp_path / f"w{workers}.jsonl"
@@ -550,11 +549,11 @@ def test_exact_preprocessing_gives_the_processors_own_pixels_and_the_default_dra
     path = str(tmp_path / "large.jpg")
     synthetic.scene(4, 1)[0].resize((2048, 1536), Image.BILINEAR).save(path, quality=92)
     image_processor = AutoProcessor.from_pretrained(tiny_model_dir).image_processor
-    own = image_processor(images=[data.open_image(path)], return_tensors="pt")["pixel_values"]
-    collate = infer.Collate(image_processor)
+    own = image_processor(images=[decode.open_image(path)], return_tensors="pt")["pixel_values"]
+    collate = captioner.Collate(image_processor)
     pixels = {}
     for exact in (True, False):
-        row, image = infer.reader_for([path], image_processor, exact=exact)[0]
+        row, image = captioner.reader_for([path], image_processor, exact=exact)[0]
         assert row["error"] is None
         pixels[exact] = torch.from_numpy(collate([(row, image)])[1])
         # The JPEG decoder scales by 1/8 at most, and never below the processor's 64 px.

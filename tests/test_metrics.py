@@ -9,8 +9,8 @@ import jiwer
 import pytest
 
 import metrics
-import scoring
-from metrics import caption_scores, normalize, wer
+from captioning.measures import caption_scores, wer
+from captioning.strings import normalize
 
 METRICS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "metrics.py")
 
@@ -276,5 +276,5 @@ def test_model_output_that_cannot_be_written_fails_before_anything_loads(tmp_pat
         assert out.stderr == f"error: --output '{output}': {problem}\n"
     ok = tmp_path / "ok"
     ok.mkdir()
-    scoring.check_output(str(ok / "p.jsonl"))  # creates and removes the temporary file write_predictions uses
+    metrics.check_output(str(ok / "p.jsonl"))  # creates and removes the temporary file write_predictions uses
     assert os.listdir(ok) == []

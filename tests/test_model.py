@@ -5,10 +5,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoProcessor, GitForCausalLM
 
-import synthetic
-from hub import looks_like_path
+from captioning import synthetic
+from captioning.hub import looks_like_path
 from conftest import ROOT
-from model import ModelLoadError, load_model
+from captioning.errors import ModelLoadError
+from captioning.gitmodel import load_model
 
 
 def test_tiny_git_round_trips_through_from_pretrained(tiny_model_dir):
@@ -59,7 +60,7 @@ def test_local_paths_are_told_from_hub_ids(name, local):
 def test_the_same_seed_builds_the_same_tiny_git_in_every_process(tmp_path):
     # The WordPiece trainer breaks ties between merges differently in each process (the learned
     # pieces differ); the ids of the words the captions use, and so the model, must not.
-    script = ("import sys, json, synthetic\nfrom model import build_tiny_git\nfrom transformers import AutoTokenizer\n"
+    script = ("import sys, json\nfrom captioning import synthetic\nfrom captioning.gitmodel import build_tiny_git\nfrom transformers import AutoTokenizer\n"
               "caps = [synthetic.scene(0, i)[1] for i in range(300)]\n"
               "t = AutoTokenizer.from_pretrained(build_tiny_git(caps, sys.argv[1], seed=0))\n"
               "print(json.dumps(t(caps)['input_ids']))\n")

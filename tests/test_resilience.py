@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import checkpoint
+from captioning import checkpoint
 import infer
 import metrics
 import train

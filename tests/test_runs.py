@@ -13,8 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import batches
-import checkpoint
+from captioning import batches, checkpoint
 import train
 from conftest import ROOT, Child, descendants, wait_until_gone, where
 
@@ -203,10 +202,18 @@ def test_resume_refuses_flags_that_change_the_data_or_the_step_and_accepts_the_o
     assert len(err) == 1 and "--batch-size 4 (was 8)" in err[0] and "--seed 7 (was 42)" in err[0], err
     assert "--max-steps" not in err[0]
     assert digests(tmp_path) == before  # refused before anything was written
+    with pytest.raises(SystemExit) as e:  # each caption of an image, or one: other samples at each step
+        train.main([*args, "--max-steps", "8", "--resume", "--caption-sampling", "all"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--caption-sampling all (was one)" in err[0], err
+    assert digests(tmp_path) == before
 
-    train.main([*args, "--max-steps", "8", "--resume", "--eval-steps", "2"])
+    # --gradient-checkpointing computes the same step, only with less memory: accepted.
+    train.main([*args, "--max-steps", "8", "--resume", "--eval-steps", "2", "--gradient-checkpointing"])
     said = [line for line in capsys.readouterr().out.splitlines() if "changed" in line]
     assert len(said) == 1 and "--eval-steps 2 (was 100)" in said[0] and "--max-steps 8 (was 4)" in said[0], said
+    assert "--gradient-checkpointing True (was False)" in said[0], said
     history = json.load(open(tmp_path / "checkpoint-8" / "trainer_state.json"))["history"]
     assert [h["step"] for h in history] == [4, 6, 8]  # the new interval took effect (4 is the last step of run 1)
 

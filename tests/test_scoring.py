@@ -10,10 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import data
-import metrics
 import train
 from conftest import ROOT, TRAINED_RUN
+from captioning import flags, measures, sources
 
 METRICS = os.path.join(ROOT, "metrics.py")
 
@@ -68,18 +67,18 @@ def test_best_scores_what_the_run_reported_for_it(trained_run, greedy):
 
 def test_output_holds_each_prediction_with_its_references(trained_run, greedy):
     scores, predictions, _ = greedy
-    args = train.parse_args([*TRAINED_RUN, "--output-dir", trained_run])
-    eval_table = data.load_tables(args)[1]
+    args = flags.parse_args([*TRAINED_RUN, "--output-dir", trained_run])
+    eval_table = sources.load_tables(args)[1]
     assert [p["references"] for p in predictions] == [[t] for t in eval_table["text"]]
     assert [p["image"] for p in predictions] == [f"row {i}" for i in range(100)]
     captions = [p["caption"] for p in predictions]
-    assert metrics.evaluation_scores(captions, [p["references"] for p in predictions]) == \
+    assert measures.evaluation_scores(captions, [p["references"] for p in predictions]) == \
         pytest.approx({k: v for k, v in scores.items() if k not in ("eval_loss", "images")})
 
 
 def test_split_names_a_split_of_the_source(tmp_path, tiny_model_dir):
     import datasets
-    import synthetic
+    from captioning import synthetic
 
     folder = tmp_path / "saved"
     datasets.DatasetDict({"train": synthetic.dataset(20, 1), "validation": synthetic.dataset(10, 2),
@@ -112,7 +111,7 @@ def test_beam_search_finds_captions_the_model_rates_at_least_as_high(trained_run
     changed = [k for k in range(100) if beams[k]["caption"] != greedy_rows[k]["caption"]]
     assert changed  # else this test would not tell beam search from greedy
     model, processor = train_model(trained_run)
-    images = data.load_tables(train.parse_args([*TRAINED_RUN, "--output-dir", trained_run]))[1]["image"]
+    images = sources.load_tables(flags.parse_args([*TRAINED_RUN, "--output-dir", trained_run]))[1]["image"]
     beam_lp = [caption_logprob(model, processor, images[k], beams[k]["caption"]) for k in changed]
     greedy_lp = [caption_logprob(model, processor, images[k], greedy_rows[k]["caption"]) for k in changed]
     # Beam search keeps 3 candidates where greedy keeps 1: where they differ, its captions score higher
@@ -153,13 +152,13 @@ def test_train_evaluates_with_beams_and_its_card_and_metrics_py_say_so(tmp_path,
 # A model that writes one caption for every image
 
 def test_distinct_share_and_the_collapse_rule():
-    assert metrics.distinct_share(["A cat.", "a cat", "a dog"]) == pytest.approx(2 / 3)
+    assert measures.distinct_share(["A cat.", "a cat", "a dog"]) == pytest.approx(2 / 3)
     refs = [f"caption {k}" for k in range(10)]
-    assert "1 distinct caption for 10 images" in metrics.collapse_warning(["same"] * 10, refs)
-    assert metrics.collapse_warning(["same"] * 9, refs[:9]) is None  # too few images to judge
-    assert "2 distinct captions" in metrics.collapse_warning(["same"] * 9 + ["other"], refs)  # 20% of 100%
-    assert metrics.collapse_warning(["same"] * 8 + refs[:2], refs) is None  # 30%: above a quarter of 100%
-    assert metrics.collapse_warning(["same"] * 10, [["one", "x"]] * 10) is None  # the references repeat too
+    assert "1 distinct caption for 10 images" in measures.collapse_warning(["same"] * 10, refs)
+    assert measures.collapse_warning(["same"] * 9, refs[:9]) is None  # too few images to judge
+    assert "2 distinct captions" in measures.collapse_warning(["same"] * 9 + ["other"], refs)  # 20% of 100%
+    assert measures.collapse_warning(["same"] * 8 + refs[:2], refs) is None  # 30%: above a quarter of 100%
+    assert measures.collapse_warning(["same"] * 10, [["one", "x"]] * 10) is None  # the references repeat too
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoProcessor
 
-import batches
-import data
-import infer
-import metrics
-import synthetic
+from captioning import batches, captioner, decode, evaluation, flags, gitmodel, measures, sources, synthetic, upload
 import train
 from conftest import ROOT, TRAINED_RUN, Child
 
@@ -64,10 +60,10 @@ def test_eval_wer_falls_during_a_short_run(trained_run):
     best = lowest_wer(logged)
     state = json.load(open(os.path.join(trained_run, f"checkpoint-{LAST}", "trainer_state.json")))
     assert state["best"]["step"] == best["step"]
-    args = train.parse_args([*TRAINED_RUN, "--output-dir", trained_run])
-    images, references = data.read_rows(data.load_tables(args)[1], "image", "text", "eval")
-    captions = infer.caption(images, model=os.path.join(trained_run, "best"), precision=args.precision, batch_size=32)
-    assert len(captions) == 100 and metrics.caption_scores(captions, references)["wer"] == \
+    args = flags.parse_args([*TRAINED_RUN, "--output-dir", trained_run])
+    images, references = sources.read_rows(sources.load_tables(args)[1], "image", "text", "eval")
+    captions = captioner.caption(images, model=os.path.join(trained_run, "best"), precision=args.precision, batch_size=32)
+    assert len(captions) == 100 and measures.caption_scores(captions, references)["wer"] == \
         pytest.approx(best["wer"], abs=0.005)
     curves = Image.open(os.path.join(trained_run, "curves.png"))
     assert curves.size == (1000, 350) and np.asarray(curves.convert("L")).std() > 5
@@ -100,7 +96,7 @@ def test_best_model_loads_with_from_pretrained_and_infer_gives_its_captions(trai
         img, _ = synthetic.scene(77, i)
         paths.append(str(tmp_path / f"scene{i}.png"))
         img.save(paths[-1])
-    pixels = processor(images=[data.open_image(p) for p in paths], return_tensors="pt").pixel_values
+    pixels = processor(images=[decode.open_image(p) for p in paths], return_tensors="pt").pixel_values
     expected = processor.batch_decode(model.generate(pixel_values=pixels, max_length=50), skip_special_tokens=True)
     assert all(expected)
 
@@ -126,7 +122,23 @@ def test_tensorboard_holds_the_scalars_and_example_images(trained_run):
     assert [e.step for e in events.Scalars("eval/wer")] == [h["step"] for h in logged] == [100, 200, 300, 400, 500]
     assert [e.value for e in events.Scalars("eval/wer")] == pytest.approx([h["wer"] for h in logged], rel=1e-6)
     assert [e.value for e in events.Scalars("eval/loss")] == pytest.approx([h["eval_loss"] for h in logged], rel=1e-6)
+    assert [e.value for e in events.Scalars("eval/distinct_captions")] == pytest.approx(
+        [h["distinct_captions"] for h in logged], rel=1e-6)
     assert "eval/example_0" in tags["images"]
+
+
+def test_train_py_warns_of_collapse_at_the_evaluations_that_collapsed(trained_run):
+    """The tiny GIT writes one caption for every image at step 100 (conftest's TRAINED_RUN) and looks at
+    the images by step 500: the first evaluation's lines end in the warning, the last one's do not."""
+    said = open(trained_run + ".stdout").read()
+    blocks = {int(b.split(":", 1)[0]): b for b in said.split("eval step ")[1:]}
+    assert sorted(blocks) == [100, 200, 300, 400, 500]
+    warned = sorted(step for step, block in blocks.items() if "\nwarning: the model may have collapsed: " in block)
+    logged = {h["step"]: h for h in evaluations(trained_run)}
+    assert 100 in warned and 500 not in warned, said
+    # Warned exactly where the predictions were least varied (eval/distinct_captions).
+    lowest_unwarned = min(logged[step]["distinct_captions"] for step in blocks if step not in warned)
+    assert all(logged[step]["distinct_captions"] < lowest_unwarned for step in warned)
 
 
 def test_rotation_keeps_the_newest_and_the_best(tmp_path, tiny_model_dir):
@@ -164,11 +176,9 @@ def test_resume_continues_exactly_where_the_checkpoint_left_off(tmp_path, tiny_m
 
 
 def test_fp16_autocast_with_grad_scaler_on_cpu(tmp_path, tiny_model_dir, monkeypatch):
-    import model
-
     # What each Linear layer of the model train.py loads puts out, in training and in evaluation.
     outputs = {True: {}, False: {}}
-    real_load = model.load_model
+    real_load = gitmodel.load_model
 
     def load_and_watch(*args, **kwargs):
         git, processor = real_load(*args, **kwargs)
@@ -178,7 +188,7 @@ def test_fp16_autocast_with_grad_scaler_on_cpu(tmp_path, tiny_model_dir, monkeyp
                                             outputs[module.training].setdefault(name, set()).add(output.dtype))
         return git, processor
 
-    monkeypatch.setattr(model, "load_model", load_and_watch)
+    monkeypatch.setattr(gitmodel, "load_model", load_and_watch)
     run_train(tmp_path, "--max-steps", "4", "--save-steps", "4", "--eval-steps", "4", "--precision", "fp16",
               model=tiny_model_dir)
     linears = sum(isinstance(m, torch.nn.Linear) for m in AutoModelForCausalLM.from_pretrained(tiny_model_dir).modules())
@@ -216,15 +226,15 @@ def test_loss_matches_git_and_accumulation_equals_one_big_batch(tiny_model_dir):
     first, second = batch_of(processor, captions[:2]), batch_of(processor, captions[2:], first=2)
 
     # Our text-only logits give GIT's own loss (which projects every position, image tokens too).
-    n = train.num_targets(big)
+    n = evaluation.num_targets(big)
     git_loss = model(**{k: big[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}).loss
-    torch.testing.assert_close(train.caption_loss(model, big, n), git_loss)
+    torch.testing.assert_close(evaluation.caption_loss(model, big, n), git_loss)
 
-    train.caption_loss(model, big, n).backward()
+    evaluation.caption_loss(model, big, n).backward()
     expected = grads(model)
     model.zero_grad()
     for micro in (first, second):
-        train.caption_loss(model, micro, n).backward()
+        evaluation.caption_loss(model, micro, n).backward()
     accumulated = grads(model)
     model.zero_grad()
     for k in expected:
@@ -232,7 +242,7 @@ def test_loss_matches_git_and_accumulation_equals_one_big_batch(tiny_model_dir):
 
     # Averaging each micro-batch and then the two (what naive accumulation does) weighs tokens unequally.
     for micro in (first, second):
-        (train.caption_loss(model, micro, train.num_targets(micro)) / 2).backward()
+        (evaluation.caption_loss(model, micro, evaluation.num_targets(micro)) / 2).backward()
     naive = grads(model)
     assert any(not torch.allclose(naive[k], expected[k], atol=1e-6, rtol=1e-5) for k in expected)
 
@@ -363,7 +373,6 @@ def test_push_to_hub_uploads_best_with_its_card(tmp_path, tiny_model_dir, monkey
     """The upload itself, with huggingface_hub's HfApi replaced by a recorder (no network here)."""
     import huggingface_hub
 
-    import hub
 
     calls = []
 
@@ -374,7 +383,7 @@ def test_push_to_hub_uploads_best_with_its_card(tmp_path, tiny_model_dir, monkey
         def upload_folder(self, repo_id, folder_path, commit_message=None, **kw):
             calls.append(("upload_folder", repo_id, sorted(os.listdir(folder_path)), commit_message))
 
-    monkeypatch.setattr(hub, "push_problem", lambda: None)
+    monkeypatch.setattr(upload, "push_problem", lambda: None)
     monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
     run_train(tmp_path, "--max-steps", "4", "--eval-steps", "2", "--save-steps", "2", "--push-to-hub",
               "--hub-model-id", "someone/captioner", "--hub-strategy", "every_save", model=tiny_model_dir)
@@ -387,7 +396,7 @@ def test_push_to_hub_uploads_best_with_its_card(tmp_path, tiny_model_dir, monkey
 
 def test_bad_rows_are_skipped_and_listed_or_stop_the_run(tmp_path, tiny_model_dir):
     folder = tmp_path / "scenes"
-    data.write_imagefolder(synthetic.dataset(30, seed=4), str(folder))
+    sources.write_imagefolder(synthetic.dataset(30, seed=4), str(folder))
     (folder / "000003.png").write_text("not a png")
     (folder / "000007.png").write_bytes(b"")
     rows = [json.loads(line) for line in open(folder / "metadata.jsonl")]
@@ -412,7 +421,7 @@ def test_bad_rows_are_skipped_and_listed_or_stop_the_run(tmp_path, tiny_model_di
 
 def poison(monkeypatch, bad_calls):
     """Make the training loss NaN on the given (1-based) training calls of caption_loss."""
-    real, calls = train.caption_loss, [0]
+    real, calls = evaluation.caption_loss, [0]
 
     def loss(model, batch, n, **kwargs):
         value = real(model, batch, n, **kwargs)
@@ -422,7 +431,7 @@ def poison(monkeypatch, bad_calls):
                 return value * float("nan")
         return value
 
-    monkeypatch.setattr(train, "caption_loss", loss)
+    monkeypatch.setattr(evaluation, "caption_loss", loss)
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run_in_fp32(tmp_path, tiny_model_dir, monkeypatch):
@@ -483,7 +492,7 @@ def test_a_signal_ends_the_run_with_a_checkpoint_to_resume_from(tmp_path, tiny_m
 def test_a_failed_save_stops_in_one_line_and_keeps_earlier_checkpoints(tmp_path, tiny_model_dir, monkeypatch, capsys):
     import errno
 
-    import checkpoint
+    from captioning import checkpoint
 
     real_save, calls = checkpoint.torch.save, [0]
 

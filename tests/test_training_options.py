@@ -9,11 +9,9 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoProcessor
 
-import batches
-import data
-import synthetic
+from captioning import batches, evaluation, gitmodel, sources, synthetic
 import train
-from model import set_up_for_training
+from captioning.gitmodel import set_up_for_training
 
 # Three images with 3, 1 and 2 captions: ragged, so an `all` batch needs filler rows.
 REFS = [["a red circle", "a small red circle at the top", "there is a red circle"],
@@ -59,15 +57,15 @@ def test_all_captions_of_an_image_take_one_encoder_pass_and_train_as_separate_pa
     together, apart = all_batch(processor, REFS), pairs_batch(processor, REFS)
     # 3 images x 3 caption slots; the 3 slots of images with fewer captions are fillers without targets.
     assert together["pixel_values"].shape[0] == 3 and together["input_ids"].shape[0] == 9
-    assert train.num_captions(together) == train.num_captions(apart) == 6
+    assert evaluation.num_captions(together) == evaluation.num_captions(apart) == 6
     assert (together["labels"][[4, 7, 8]] == -100).all()  # row j * 3 + i is caption j of image i
-    n = train.num_targets(together)
-    assert n == train.num_targets(apart)
+    n = evaluation.num_targets(together)
+    assert n == evaluation.num_targets(apart)
 
-    loss_together = train.caption_loss(model, together, n)
+    loss_together = evaluation.caption_loss(model, together, n)
     loss_together.backward()
     g_together = grads(model)
-    loss_apart = train.caption_loss(model, apart, n)
+    loss_apart = evaluation.caption_loss(model, apart, n)
     loss_apart.backward()
     g_apart = grads(model)
     assert encoded == [3, 6]  # one pass per image, against one per pair
@@ -77,7 +75,7 @@ def test_all_captions_of_an_image_take_one_encoder_pass_and_train_as_separate_pa
     # Token-normalised accumulation still holds: images 0-1 and image 2 as two micro-batches,
     # each divided by the whole step's target tokens, give the one big batch's gradients.
     for micro in (all_batch(processor, REFS[:2]), all_batch(processor, REFS[2:], first=2)):
-        train.caption_loss(model, micro, n).backward()
+        evaluation.caption_loss(model, micro, n).backward()
     assert_same_grads(grads(model), g_together)
 
 
@@ -102,7 +100,7 @@ def test_an_epoch_of_all_captions_trains_every_caption_once(tiny_model_dir):
 def five_captions(tmp_path_factory):
     """48 scenes with five captions each, as an imagefolder."""
     out = str(tmp_path_factory.mktemp("five-captions"))
-    data.write_imagefolder(synthetic.dataset(48, seed=3, captions_per_image=5), out)
+    sources.write_imagefolder(synthetic.dataset(48, seed=3, captions_per_image=5), out)
     return out
 
 
@@ -131,10 +129,8 @@ def test_caption_sampling_all_through_train_py(tmp_path, five_captions, tiny_mod
 
 
 def test_freeze_vision_keeps_the_image_encoder_bit_identical(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    import model as model_module
-
     seen = []  # (training?, does the encoder's output carry a graph?) for each image-encoder pass
-    real_load = model_module.load_model
+    real_load = gitmodel.load_model
 
     def load_and_watch(*args, **kwargs):
         git, processor = real_load(*args, **kwargs)
@@ -142,7 +138,7 @@ def test_freeze_vision_keeps_the_image_encoder_bit_identical(tmp_path, tiny_mode
             lambda m, inputs, out: seen.append((m.training, out.last_hidden_state.requires_grad)))
         return git, processor
 
-    monkeypatch.setattr(model_module, "load_model", load_and_watch)
+    monkeypatch.setattr(gitmodel, "load_model", load_and_watch)
     run_train(tmp_path, "synthetic", tiny_model_dir, "--synthetic-size", "60", "--freeze-vision")
     assert {grad for training, grad in seen if training} == {False}  # no autograd graph in the encoder
 
@@ -154,13 +150,15 @@ def test_freeze_vision_keeps_the_image_encoder_bit_identical(tmp_path, tiny_mode
         assert all(torch.equal(start[k], after[k]) for k in vision), folder
         for part in ("git.visual_projection.", "git.encoder.", "git.embeddings."):
             assert any(not torch.equal(start[k], after[k]) for k in start if k.startswith(part)), (folder, part)
-    # AdamW holds state for the trained tensors only.
+    # AdamW is handed the trained tensors only (it would make no state for a tensor without a gradient
+    # either, so the state alone would not tell), and holds state for them.
     state = torch.load(tmp_path / "checkpoint-4" / "training_state.pt", weights_only=True)
+    assert sum(len(group["params"]) for group in state["optimizer"]["param_groups"]) == len(start) - len(vision)
     assert len(state["optimizer"]["state"]) == len(start) - len(vision)
     assert "M trained" in capsys.readouterr().out
 
     # Resuming without the flag would train the encoder from the middle of the run: refused.
-    monkeypatch.setattr(model_module, "load_model", real_load)
+    monkeypatch.setattr(gitmodel, "load_model", real_load)
     with pytest.raises(SystemExit) as e:
         run_train(tmp_path, "synthetic", tiny_model_dir, "--synthetic-size", "60", "--max-steps", "6", "--resume")
     assert e.value.code == 2 and "--freeze-vision False (was True)" in capsys.readouterr().err
@@ -169,25 +167,44 @@ def test_freeze_vision_keeps_the_image_encoder_bit_identical(tmp_path, tiny_mode
 def test_gradient_checkpointing_recomputes_and_gives_the_same_loss_and_gradients(tiny_model_dir):
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     batch = pairs_batch(processor, REFS)
-    n = train.num_targets(batch)
+    n = evaluation.num_targets(batch)
     results = []
     for checkpointing in (False, True):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()  # dropout on
         set_up_for_training(model, gradient_checkpointing=checkpointing)
-        calls = []
-        model.git.encoder.layer[0].attention.register_forward_hook(lambda *a: calls.append(1))
+        calls = count_layer_passes(model)
         torch.manual_seed(7)
-        loss = train.caption_loss(model, batch, n)
+        loss = evaluation.caption_loss(model, batch, n)
         loss.backward()
-        results.append((loss.detach(), grads(model), len(calls)))
+        results.append((loss.detach(), grads(model), dict(calls)))
     (loss_plain, g_plain, calls_plain), (loss_ckpt, g_ckpt, calls_ckpt) = results
-    assert (calls_plain, calls_ckpt) == (1, 2)  # the layer ran again in backward
+    # Every layer of both towers ran again in backward.
+    assert calls_plain == {"text": 1, "vision": 1} and calls_ckpt == {"text": 2, "vision": 2}
     torch.testing.assert_close(loss_ckpt, loss_plain, atol=1e-6, rtol=1e-6)  # the same dropout masks
     assert_same_grads(g_ckpt, g_plain, atol=1e-5)
 
 
-def test_gradient_checkpointing_through_train_py_logs_the_same_losses(tmp_path, tiny_model_dir):
-    logs = []
+def count_layer_passes(model):
+    """{"text": n, "vision": n}: how often the attention of each tower's first layer runs in training
+    mode (a checkpointed layer runs in forward, then its insides again in backward; the layer's own
+    hook sees only the first)."""
+    calls = {"text": 0, "vision": 0}
+    for tower, layer in (("text", model.git.encoder.layer[0].attention),
+                         ("vision", model.git.image_encoder.vision_model.encoder.layers[0].self_attn)):
+        layer.register_forward_hook(lambda m, *a, tower=tower: calls.__setitem__(tower, calls[tower] + m.training))
+    return calls
+
+
+def test_gradient_checkpointing_through_train_py_recomputes_and_logs_the_same_losses(tmp_path, tiny_model_dir,
+                                                                                     monkeypatch):
+    logs, passes, real_load = [], [], gitmodel.load_model
+
+    def load_and_watch(*args, **kwargs):
+        git, processor = real_load(*args, **kwargs)
+        passes.append(count_layer_passes(git))
+        return git, processor
+
+    monkeypatch.setattr(gitmodel, "load_model", load_and_watch)
     for name, extra in (("plain", []), ("checkpointed", ["--gradient-checkpointing"])):
         run_train(tmp_path / name, "synthetic", tiny_model_dir, "--synthetic-size", "60", "--logging-steps", "1",
                   *extra)
@@ -196,4 +213,6 @@ def test_gradient_checkpointing_through_train_py_logs_the_same_losses(tmp_path, 
         with open(tmp_path / name / "training_args.json") as f:
             assert json.load(f)["gradient_checkpointing"] == bool(extra)
     assert [s for s, _ in logs[0]] == [s for s, _ in logs[1]] == [1, 2, 3, 4]
+    # 4 steps of 2 micro-batches: each layer of both towers ran once in each, and with the flag again in backward.
+    assert passes == [{"text": 8, "vision": 8}, {"text": 16, "vision": 16}]
     torch.testing.assert_close([v for _, v in logs[1]], [v for _, v in logs[0]], atol=1e-5, rtol=0)

@@ -7,8 +7,10 @@
 
 Every folder is written under a temporary name and renamed into place when complete, so a crash
 mid-write never leaves a folder that looks finished. training_state.pt holds only tensors and plain
-Python values and loads with torch.load(weights_only=True).
+Python values and loads with torch.load(weights_only=True); save_checkpoint writes it and restore
+reads it back, here, so that what is saved and what a resume expects cannot drift apart.
 """
+import dataclasses
 import errno
 import fcntl
 import json
@@ -23,7 +25,9 @@ import zipfile
 import numpy as np
 import torch
 
-import workers
+from captioning import workers
+from captioning.cli import say
+
 
 STATE_FILE = "training_state.pt"
 LOCK_FILE = ".lock"  # held by the run that owns the folder; its text names that process
@@ -132,6 +136,67 @@ def write_file_atomically(path, text):
         raise
 
 
+# ---------------------------------------------------------------------------------------------
+# The training state: what save_checkpoint writes to training_state.pt, and restore reads back
+
+def empty_window():
+    return {"loss": 0.0, "steps": 0, "samples": 0, "captions": 0}
+
+
+@dataclasses.dataclass
+class TrainState:
+    """The progress a resume needs, besides the weights, optimizer, scheduler, scaler and RNG
+    streams. Saved by state_dict() and restored by from_state_dict() alone, so that what is saved
+    and what is resumed cannot drift apart."""
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    # Samples of this epoch taken, all ranks together: in samples, not batches, so that a run
+    # resumed with another number of ranks continues with exactly the samples not yet seen.
+    samples_done: int = 0
+    best: dict = dataclasses.field(default_factory=lambda: {"metric": None, "value": None, "step": None})
+    history: list = dataclasses.field(default_factory=list)  # the scores of each evaluation
+    train_log: list = dataclasses.field(default_factory=list)  # (step, mean train loss) at each logged step
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
+    # The steps since the last logged line; kept across a resume so that line averages the same steps.
+    window: dict = dataclasses.field(default_factory=lambda: empty_window())
+
+    def state_dict(self):
+        state = dataclasses.asdict(self)
+        state["window"]["loss"] = float(state["window"]["loss"])  # a device tensor while training
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state):
+        state = {**state, "window": {**empty_window(), **state.get("window", {})}}  # older checkpoints lack keys
+        return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls) if f.name in state})
+
+    def evaluated_now(self):
+        return bool(self.history) and self.history[-1]["step"] == self.step
+
+
+def restore(resume_from, args, optimizer, scheduler, scaler, rank, world, samples_per_epoch):
+    """The TrainState to start from: a fresh one, or the checkpoint's, with the optimizer,
+    schedule, scaler and this rank's RNG streams put back as they were."""
+    if not resume_from:
+        return TrainState(best={"metric": args.metric_for_best, "value": None, "step": None})
+    saved = load_training_state(resume_from)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    scaler.load_state_dict(saved["scaler"])
+    rngs = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]  # one per rank
+    # A different number of ranks than before: every rank continues from rank 0's streams.
+    set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
+    if len(rngs) != world:
+        say(f"resuming with {world} process{'es' * (world != 1)} instead of {len(rngs)}: the global batch is now "
+            f"{args.batch_size * args.grad_accum * world} (was {args.batch_size * args.grad_accum * len(rngs)})")
+    if "samples_done" not in saved:  # written before positions were kept in samples: batches per rank
+        saved["samples_done"] = saved["batches_done"] * args.batch_size * len(rngs)
+    state = TrainState.from_state_dict(saved)
+    say(f"resumed from {resume_from} at step {state.step} "
+        f"(epoch {state.epoch}, sample {state.samples_done} of {samples_per_epoch})")
+    return state
+
+
 def rng_state():
     np_state = np.random.get_state()
     return {
@@ -152,9 +217,16 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(output_dir, step, model, processor, training_state, summary, card=None, args_json=None):
-    """OUTPUT/checkpoint-STEP; args_json, the run's flags, lets a resume check it continues the same run."""
-    path = os.path.join(output_dir, f"checkpoint-{step}")
+def save_checkpoint(output_dir, state, model, processor, optimizer, scheduler, scaler, rngs, samples_per_epoch,
+                    card=None, args_json=None):
+    """OUTPUT/checkpoint-STEP: the model, and what restore() needs to continue exactly (the TrainState,
+    optimizer, scheduler, scaler, and each rank's RNG streams). args_json, the run's flags, lets a
+    resume check it continues the same run."""
+    path = os.path.join(output_dir, f"checkpoint-{state.step}")
+    training_state = {**state.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                      "scaler": scaler.state_dict(), "rng": rngs}
+    summary = {"step": state.step, "epoch": state.epoch + state.samples_done / samples_per_epoch,
+               "best": state.best, "skipped_steps": state.skipped_steps, "history": state.history}
 
     def write(d):
         write_model_files(d, model, processor, card, args_json)

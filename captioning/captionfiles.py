@@ -5,11 +5,18 @@ read, with fingerprints that change when the file or an image changes, so the im
 """
 import contextlib
 import gc
+import hashlib
 import json
 import os
 
-import data
-import metadata
+import datasets
+import pyarrow as pa
+from datasets.table import InMemoryTable
+
+from captioning import metadata
+from captioning.errors import DataError
+
+
 
 def is_caption_file(name):
     return name.lower().endswith(".json") and not os.path.isdir(name)
@@ -26,10 +33,10 @@ def load_caption_file(path, image_root=None, columns=("image", "text")):
     imagefolder, named with the entry (`images[12]`) that names it."""
     image_column, text_column = columns
     if image_column == text_column:
-        raise data.DataError(f"--image-column and --text-column are both {image_column!r}: the table of a caption file "
+        raise DataError(f"--image-column and --text-column are both {image_column!r}: the table of a caption file "
                         f"has an image column and a caption column")
     if image_root is not None and not os.path.isdir(image_root):
-        raise data.DataError(f"--image-root {image_root!r} is not a folder")
+        raise DataError(f"--image-root {image_root!r} is not a folder")
     root = os.path.abspath(os.path.dirname(path) if image_root is None else image_root)
     with gc_paused():
         return caption_tables(path, root, columns)
@@ -51,8 +58,6 @@ def gc_paused():
 
 def caption_tables(path, root, columns):
     """load_caption_file's tables, the images under `root`."""
-    import datasets
-
     kind, names, refs, splits = metadata.read_caption_file(path)
     prefix = os.path.join(root, "")
     paths = [prefix + name for name in names]
@@ -61,7 +66,7 @@ def caption_tables(path, root, columns):
         return caption_table([kind], paths, refs, stamps, columns)
     rows = {name: [i for i, s in enumerate(splits) if s == name] for name in ("train", "val", "test")}
     if not rows["train"]:
-        raise data.DataError(f"{path}: no image has split \"train\" or \"restval\" (the images to train on); "
+        raise DataError(f"{path}: no image has split \"train\" or \"restval\" (the images to train on); "
                         f"splits found: {', '.join(sorted(set(splits)))}")
     return datasets.DatasetDict({
         name: caption_table([kind, name], [paths[i] for i in idx], [refs[i] for i in idx], [stamps[i] for i in idx],
@@ -87,12 +92,6 @@ def image_stamps(paths, shown):
 def caption_table(identity, paths, refs, stamps, columns):
     """A table of image paths (an undecoded Image column, as an imagefolder's) and lists of captions. Its
     fingerprint, which names its cache entry, is a hash of everything in it and of the images' stamps."""
-    import hashlib
-
-    import datasets
-    import pyarrow as pa
-    from datasets.table import InMemoryTable
-
     digest = hashlib.sha256(json.dumps([CAPTION_TABLE_VERSION, *identity, len(paths)]).encode())
     for part in ("\0".join(paths), "\0".join(map(str, stamps)), "\0".join(map("\x1f".join, refs))):
         digest.update(part.encode("utf-8", "surrogatepass"))

@@ -11,7 +11,9 @@ import json
 import os
 import re
 
-import data
+from captioning.errors import DataError
+
+
 
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 # Image files a metadata line or caption file entry names but that do not exist: real path -> where it is named
@@ -36,12 +38,12 @@ def read_text(path, shown):
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
-        raise data.DataError(f"{shown}: {e.strerror or e}") from None
+        raise DataError(f"{shown}: {e.strerror or e}") from None
     try:
         return raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         line, line_start = raw.count(b"\n", 0, e.start) + 1, raw.rfind(b"\n", 0, e.start) + 1
-        raise data.DataError(f"{shown} line {line}: not UTF-8 (byte 0x{raw[e.start]:02x} at column "
+        raise DataError(f"{shown} line {line}: not UTF-8 (byte 0x{raw[e.start]:02x} at column "
                              f"{e.start - line_start + 1}); save it as UTF-8") from None
 
 
@@ -54,7 +56,7 @@ def check_metadata(path, shown):
     images = ImageFiles(os.path.dirname(path), shown)
     rows, columns = (jsonl_rows if path.endswith(".jsonl") else csv_rows)(text, shown, images.check)
     if not rows:
-        raise data.DataError(f"{shown} has no rows: an imagefolder needs one line per image, with its file_name and caption")
+        raise DataError(f"{shown} has no rows: an imagefolder needs one line per image, with its file_name and caption")
     return columns
 
 
@@ -74,9 +76,9 @@ def jsonl_rows(text, shown, check_image):
         try:
             row = decode(line)
         except ValueError as e:
-            raise data.DataError(f"{shown} line {number}: not valid JSON ({e.msg}: column {e.colno})") from None
+            raise DataError(f"{shown} line {number}: not valid JSON ({e.msg}: column {e.colno})") from None
         if row.__class__ is not dict:
-            raise data.DataError(f"{shown} line {number}: not a JSON object ({{...}}) but {json_kind(row)}")
+            raise DataError(f"{shown} line {number}: not a JSON object ({{...}}) but {json_kind(row)}")
         # Only an escape makes a lone surrogate (the text was decoded as strict UTF-8), and surrogate escapes are
         # \ud800-\udfff: a file json.dumps wrote with ensure_ascii has \u00e9 on every line, not worth a look.
         if "\\ud" in line or "\\uD" in line:
@@ -89,11 +91,11 @@ def jsonl_rows(text, shown, check_image):
             if kind == seen or kind is None:
                 continue
             if kind.startswith("a list mixing"):
-                raise data.DataError(f"{shown} line {number}: {key!r} is {kind}; a column holds one type")
+                raise DataError(f"{shown} line {number}: {key!r} is {kind}; a column holds one type")
             if seen is None or seen == "a list" and kind.startswith("a list"):
                 kind_of[key], line_of[key] = kind, number
             elif not (kind == "a list" and seen.startswith("a list")):
-                raise data.DataError(f"{shown} line {number}: {key!r} is {kind} here but {seen} on line {line_of[key]}; "
+                raise DataError(f"{shown} line {number}: {key!r} is {kind} here but {seen} on line {line_of[key]}; "
                                 f"a column holds one type")
         for key in file_keys:
             check_image(key, row.get(key), number)
@@ -117,7 +119,7 @@ def check_surrogates(row, shown, number):
         why = (f"it stands for the byte 0x{code - 0xdc00:02x} of text that was not UTF-8 (Python's "
                f"errors=\"surrogateescape\"): decode that text with its real encoding" if 0xdc80 <= code <= 0xdcff
                else "write the character itself, or both halves of its UTF-16 pair")
-        raise data.DataError(f"{shown} line {number}: {key!r} holds \\u{code:04x}, a lone surrogate escape, "
+        raise DataError(f"{shown} line {number}: {key!r} holds \\u{code:04x}, a lone surrogate escape, "
                              f"not a character; {why}")
 
 
@@ -164,18 +166,18 @@ def csv_rows(text, shown, check_image):
                 header, header_line = record, number
                 file_columns = [(i, k) for i, k in enumerate(header) if is_file_key(k)]
                 if not file_columns:
-                    raise data.DataError(f"{shown} line {number}: no file_name column in the header "
+                    raise DataError(f"{shown} line {number}: no file_name column in the header "
                                     f"(columns: {', '.join(header)}); the first line names the columns")
                 continue
             if len(record) != len(header):
-                raise data.DataError(f"{shown} line {number}: {len(record)} field{'s' * (len(record) != 1)} but the "
+                raise DataError(f"{shown} line {number}: {len(record)} field{'s' * (len(record) != 1)} but the "
                                 f"header (line {header_line}) has {len(header)}; a comma in a caption needs quotes")
             for i, key in file_columns:
                 check_image(key, record[i] or None, number)
             rows += 1
     except csv.Error as e:
         problem = "a quoted field opens here and is never closed" if "end of data" in str(e) else f"bad quoting ({e})"
-        raise data.DataError(f"{shown} line {start}: {problem}") from None
+        raise DataError(f"{shown} line {start}: {problem}") from None
     return rows, [k for k in header or [] if not is_file_key(k)]
 
 
@@ -204,12 +206,12 @@ class ImageFiles:
         where = f"{self.shown} line {number}"
         for name in value if isinstance(value, list) and key.endswith("file_names") else [value]:
             if name is None or name == "":
-                raise data.DataError(f"{where}: no {key!r} naming the image")
+                raise DataError(f"{where}: no {key!r} naming the image")
             if not isinstance(name, str):
-                raise data.DataError(f"{where}: {key!r} must be a file name (a string), not {name!r}")
+                raise DataError(f"{where}: {key!r} must be a file name (a string), not {name!r}")
             relative = os.path.normpath(name).replace("\\", "/")
             if "://" in name or os.path.isabs(name) or relative == ".." or relative.startswith("../"):
-                raise data.DataError(f"{where}: {key} {name!r} must be a path inside {os.path.dirname(self.shown) or '.'}")
+                raise DataError(f"{where}: {key} {name!r} must be a path inside {os.path.dirname(self.shown) or '.'}")
             path = os.path.join(self.folder, relative)
             folder, base = os.path.split(path)
             if base in self.listing(folder):
@@ -239,7 +241,7 @@ def read_caption_file(path):
         return ("Karpathy", *karpathy_rows(images, path))
     what = (f"an object with {', '.join(json.dumps(k) for k in list(doc)[:6])}{', ...' if len(doc) > 6 else ''}"
             if doc.__class__ is dict and doc else json_kind(doc) or "null")
-    raise data.DataError(f"{path}: {what}, neither a COCO captions file (an object with \"images\" and "
+    raise DataError(f"{path}: {what}, neither a COCO captions file (an object with \"images\" and "
                          f"\"annotations\") nor a Karpathy split file (\"images\" whose entries have \"sentences\")")
 
 
@@ -253,9 +255,9 @@ def read_json(path):
     try:
         return json.loads(text, object_hook=without_tokens)
     except json.JSONDecodeError as e:
-        raise data.DataError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
+        raise DataError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
     except RecursionError:
-        raise data.DataError(f"{path}: not a caption file (JSON nested too deeply to read)") from None
+        raise DataError(f"{path}: not a caption file (JSON nested too deeply to read)") from None
 
 
 def without_tokens(obj):
@@ -270,7 +272,7 @@ def coco_rows(doc, path):
     images, annotations = doc["images"], doc["annotations"]
     for key, value in (("images", images), ("annotations", annotations)):
         if value.__class__ is not list:
-            raise data.DataError(f"{path}: \"{key}\" must be a list, not {json_kind(value) or 'null'}")
+            raise DataError(f"{path}: \"{key}\" must be a list, not {json_kind(value) or 'null'}")
     row_of, names = {}, []
     for i, entry in enumerate(images):
         try:
@@ -280,7 +282,7 @@ def coco_rows(doc, path):
         if image_id.__class__ not in (int, str) or name.__class__ is not str or not name:
             raise bad_entry(entry, f"{path} images[{i}]", (("id", ID), ("file_name", NAME)))
         if image_id in row_of:
-            raise data.DataError(f"{path} images[{i}]: id {image_id!r} is also the id of images[{row_of[image_id]}]")
+            raise DataError(f"{path} images[{i}]: id {image_id!r} is also the id of images[{row_of[image_id]}]")
         row_of[image_id] = i
         names.append(name)
     refs = [[] for _ in names]
@@ -292,11 +294,11 @@ def coco_rows(doc, path):
         if caption.__class__ is not str:
             raise bad_entry(entry, f"{path} annotations[{k}]", (("image_id", ID), ("caption", TEXT)))
         if row is None:
-            raise data.DataError(f"{path} annotations[{k}]: image_id {entry['image_id']!r} is not the id of any "
+            raise DataError(f"{path} annotations[{k}]: image_id {entry['image_id']!r} is not the id of any "
                                  f"entry of \"images\"")
         refs[row].append(caption)
     if not names:
-        raise data.DataError(f"{path}: \"images\" is empty")
+        raise DataError(f"{path}: \"images\" is empty")
     return names, refs, None
 
 
@@ -317,7 +319,7 @@ def karpathy_rows(images, path):
         refs.append(texts)
         splits.append(split)
     if not names:
-        raise data.DataError(f"{path}: \"images\" is empty")
+        raise DataError(f"{path}: \"images\" is empty")
     return names, refs, splits
 
 
@@ -333,7 +335,7 @@ KARPATHY_KEYS = (("filename", NAME), ("filepath", OPTIONAL), ("split", SPLIT))
 def bad_entry(entry, where, keys, more=None):
     """The DataError for a caption file entry that failed the quick test of the loop reading it: not an
     object, a key missing, a value of the wrong kind, or what `more(entry, where)` finds."""
-    return data.DataError(entry_problem(entry, where, keys) or (more and more(entry, where))
+    return DataError(entry_problem(entry, where, keys) or (more and more(entry, where))
                           or f"{where}: not a caption file entry")
 
 

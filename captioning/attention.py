@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
+
 ATTENTIONS = ("sdpa", "eager")
 
 

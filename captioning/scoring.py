@@ -11,15 +11,15 @@ import json
 import os
 import re
 import sys
+import time
 
-import cli
-from metrics import collapse_warning, evaluation_scores, flag_name
+import torch
 
-# train.py's flags that decide what its evaluation computes. Unless given, they come from the run
-# that wrote the model, so that OUT/best scores what the run reported for it.
-FROM_THE_RUN = ("dataset", "image_column", "text_column", "image_root", "eval_split", "test_size", "seed",
-                "synthetic_size", "precision", "eval_batch_size", "gen_max_length", "eval_num_beams",
-                "max_text_length", "exact_preprocessing", "max_image_pixels")
+from captioning import checkpoint, cli, decode, evaluation, flags, image_cache, runtime, sources, training
+from captioning.errors import DataError, ModelLoadError
+from captioning.gitmodel import load_model, resolve_model
+from captioning.hub import looks_like_path, offline_unless_needed
+from captioning.measures import collapse_warning, evaluation_scores
 
 
 def note(message):
@@ -29,28 +29,20 @@ def note(message):
 
 def score_model(given):
     """metrics.py --model: the scores train.py's evaluation gives the model, on the split asked for."""
-    if hasattr(given, "output"):  # before anything loads: writing it comes after minutes of generating
-        check_output(given.output)
-    import time
-
-    import run
-    import train
-    from hub import offline_unless_needed
-
     folder = model_folder(given.model)
     settings, inherited = scoring_settings(given, folder, *run_args(folder))
     split = getattr(given, "split", "eval")
     offline_unless_needed(*[n for n in (folder, settings.dataset) if n != "synthetic"])  # before datasets loads
-    run.quiet_libraries()
+    training.quiet_libraries()
     device, amp_dtype = device_and_precision(settings)
     table = split_table(settings, split)
     model, processor = load_for_scoring(folder, settings, device)
     if inherited:  # once the data and model are found: a bad input stays a one-line error
         note(inherited)
     pixels, references, labels = prepare(settings, table, split, processor)
-    loader = run.make_eval_loader(settings, pixels, references, processor, device)
+    loader = evaluation.make_eval_loader(settings, pixels, references, processor, device)
     t0 = time.time()
-    eval_loss, predictions = train.evaluate(model, processor, loader, device, amp_dtype, settings.gen_max_length,
+    eval_loss, predictions = evaluation.evaluate(model, processor, loader, device, amp_dtype, settings.gen_max_length,
                                             num_beams=settings.eval_num_beams)
     scores = {**evaluation_scores(predictions, references), "eval_loss": eval_loss, "images": len(predictions)}
     note(f"{folder}: {len(predictions)} images of the {split} split of {settings.dataset!r} | "
@@ -75,9 +67,6 @@ def print_scores(scores, as_json):
 
 def model_folder(name):
     """--model as it is loaded: a train.py output folder means its best/; a Hub id stays as it is."""
-    from hub import looks_like_path
-    from infer import resolve_model
-
     if looks_like_path(name) and not os.path.isdir(name):
         cli.fail(f"--model {name!r}: no such folder")
     return resolve_model(name)
@@ -106,10 +95,8 @@ def run_args(folder):
 def scoring_settings(given, folder, saved, source):
     """(train.py's flags as its evaluation saw them: its defaults, overridden by the run's, then by those
     given; a line saying which came from the run, or None)."""
-    import train
-
-    settings = vars(train.parse_args([]))
-    inherited = {k: saved[k] for k in FROM_THE_RUN if k in saved and k not in vars(given)}
+    settings = vars(flags.parse_args([]))
+    inherited = {k: saved[k] for k in flags.FROM_THE_RUN if k in saved and k not in vars(given)}
     settings.update(inherited)
     settings.update(vars(given))
     if "dataset" not in vars(given) and "dataset" not in inherited:
@@ -120,7 +107,7 @@ def scoring_settings(given, folder, saved, source):
 
 
 def flag_text(name, value):
-    flag = flag_name(name)
+    flag = flags.flag_name(name)
     if isinstance(value, bool):
         return flag if value else f"--no-{flag[2:]}"
     return f"{flag} {value}"
@@ -128,62 +115,53 @@ def flag_text(name, value):
 
 def device_and_precision(settings):
     try:
-        device = cli.pick_device(settings.device)
+        device = runtime.pick_device(settings.device)
     except ValueError as e:
         cli.fail(str(e))
-    return device, cli.pick_precision(settings.precision, device)[0]
+    return device, runtime.pick_precision(settings.precision, device)[0]
 
 
 def load_for_scoring(folder, settings, device):
-    import torch
-
-    from model import ModelLoadError, load_model
-
     try:
         model, processor = load_model(folder, trust_remote_code=settings.trust_remote_code,
-                                      attention=cli.pick_attention(settings.attention, device))
+                                      attention=runtime.pick_attention(settings.attention, device))
     except ModelLoadError as e:
         cli.fail(str(e))
-    # Laid out as training holds it (run.load_data_and_model), so the convolution adds up the same way.
+    # Laid out as training holds it (training.load_data_and_model), so the convolution adds up the same way.
     model.to(device, memory_format=torch.channels_last)
     return model, processor
 
 
 def split_table(settings, split):
-    """The table --split names: eval and train as train.py splits the source (data.load_tables), any
+    """The table --split names: eval and train as train.py splits the source (sources.load_tables), any
     other name a split of the source itself."""
-    import data
-
     try:
         if split in ("eval", "train"):
-            train_table, eval_table = data.load_tables(settings)
+            train_table, eval_table = sources.load_tables(settings)
             return eval_table if split == "eval" else train_table
-        source = data.source_of(settings)
+        source = sources.source_of(settings)
         names = list(source) if isinstance(source, dict) else []
         if split not in names:
             own = f"its splits are {', '.join(names)}" if names else "it has no named splits"
             cli.fail(f"--split {split!r}: {settings.dataset!r} has no split of that name ({own}); eval is the "
                      f"held-out split train.py evaluates on, train the one it trains on")
-        data.check_columns(source[split], settings.image_column, settings.text_column, split)
+        sources.check_columns(source[split], settings.image_column, settings.text_column, split)
         return source[split]
-    except data.DataError as e:
+    except DataError as e:
         cli.fail(str(e))
 
 
 def prepare(settings, table, what, processor):
     """(uint8 pixels, references, image labels) of the table's usable rows, through train.py's image cache."""
-    import batches
-    import data
-
     cache_dir = None if settings.no_cache else os.path.expanduser(settings.cache_dir)
-    draft = None if settings.exact_preprocessing else data.draft_size(processor.image_processor)
+    draft = None if settings.exact_preprocessing else decode.draft_size(processor.image_processor)
     skipped = []  # as train.py's default --on-bad-sample skip: the rows it evaluated on
     try:
-        pixels, references = batches.prepare_split(table, settings.image_column, settings.text_column, what,
+        pixels, references = image_cache.prepare_split(table, settings.image_column, settings.text_column, what,
                                                    processor.image_processor, skipped, cache_dir, draft=draft,
                                                    num_workers=settings.preprocessing_num_workers, notify=note,
                                                    max_pixels=settings.max_image_pixels)
-    except data.DataError as e:
+    except DataError as e:
         cli.fail(str(e))
     except OSError as e:
         cli.fail(f"--cache-dir {cache_dir!r}: {e.strerror or e} (or pass --no-cache)")
@@ -196,37 +174,15 @@ def prepare(settings, table, what, processor):
 
 def image_labels(table, image_column, skipped, kept):
     """Each kept row's image: its file path, or "row i" for an image held in the table itself."""
-    import data
-
     left_out = {int(m.group(1)) for m in (re.search(r"\brow (\d+)", line) for line in skipped) if m}
-    labels, cells = [], data.undecoded(table, image_column).select_columns([image_column])
+    labels, cells = [], sources.undecoded(table, image_column).select_columns([image_column])
     for start, batch in zip(itertools.count(0, 256), cells.iter(batch_size=256)):
-        labels += [data.image_cell(cell, i)[0] for i, cell in enumerate(batch[image_column], start)
+        labels += [sources.image_cell(cell, i)[0] for i, cell in enumerate(batch[image_column], start)
                    if i not in left_out]
     return labels if len(labels) == kept else [f"item {k}" for k in range(kept)]
 
 
-def check_output(path):
-    """Fail unless --output can be written: its folder exists and takes a new file. The temporary file that
-    write_predictions will write and rename is created and removed, so a read-only folder shows here too."""
-    folder = os.path.dirname(path) or "."
-    if os.path.isdir(path):
-        cli.fail(f"--output {path!r}: is a folder")
-    if not os.path.isdir(folder):
-        cli.fail(f"--output {path!r}: {folder!r} is not a folder" if os.path.exists(folder)
-                 else f"--output {path!r}: no such folder {folder!r}")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w"):
-            pass
-        os.remove(tmp)
-    except OSError as e:
-        cli.fail(f"--output {path!r}: cannot create a file in {folder!r} ({e.strerror or e})")
-
-
 def write_predictions(path, labels, predictions, references):
-    import checkpoint
-
     rows = (json.dumps({"image": label, "caption": caption, "references": refs}) + "\n"
             for label, caption, refs in zip(labels, predictions, references))
     try:

@@ -2,11 +2,8 @@
 import json
 import os
 
-from hub import looks_like_path
-
-CARD_FLAGS = ("dataset", "model", "epochs", "max_steps", "learning_rate", "lr_schedule", "warmup_steps",
-              "weight_decay", "batch_size", "grad_accum", "max_grad_norm", "precision", "max_text_length",
-              "caption_sampling", "freeze_vision", "gradient_checkpointing", "gen_max_length", "eval_num_beams", "seed")
+from captioning import flags
+from captioning.hub import looks_like_path
 
 
 def generate_options(args):
@@ -61,5 +58,5 @@ def model_card(where, args, step, scores, data_sizes, repo_id=None):
               f"ids = model.generate(pixel_values=pixel_values, {generate_options(args)})",
               "print(processor.batch_decode(ids, skip_special_tokens=True)[0])", "```", "",
               "## Training arguments", "", "```json",
-              json.dumps({k: getattr(args, k) for k in CARD_FLAGS if hasattr(args, k)}, indent=2), "```", ""]
+              json.dumps({k: getattr(args, k) for k in flags.CARD_FLAGS if hasattr(args, k)}, indent=2), "```", ""]
     return "\n".join(header) + "\n" + "\n".join(lines)

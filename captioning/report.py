@@ -1,14 +1,15 @@
 """Pictures of a run for people: caption cards for TensorBoard, and curves.png."""
 import os
+import textwrap
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from PIL import Image, ImageDraw
 
 
 def caption_card(image, prediction, reference):
     """A thumbnail with the generated caption (and the reference) written under it, for TensorBoard."""
-    import textwrap
-
-    import numpy as np
-    from PIL import Image, ImageDraw
-
     thumb = image.copy()
     thumb.thumbnail((224, 224))
     lines = ["gen: " + l for l in textwrap.wrap(prediction or "(empty)", 36)]
@@ -23,11 +24,7 @@ def caption_card(image, prediction, reference):
 
 def draw_curves(path, train_log, history):
     """Train loss and eval WER against optimizer step, one PNG for people who do not run TensorBoard."""
-    import matplotlib
-
     matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
-
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
     left.plot([s for s, _ in train_log], [v for _, v in train_log], marker=".")
     left.set(title="train loss", xlabel="optimizer step")

@@ -4,13 +4,6 @@ import threading
 import time
 
 
-def compile_seconds():
-    """Wall time torch.compile has spent compiling in this process so far."""
-    from torch._dynamo.utils import calculate_time_spent
-
-    return calculate_time_spent().get("total_wall_time", 0.0)
-
-
 class Meter:
     """Wall time, time spent waiting for data, images and captions, per logging window and over the run;
     evaluation and saving are left out, and so is compiling when compile_clock (compile_seconds) is

@@ -8,6 +8,9 @@ import argparse
 import os
 import sys
 
+from tqdm.auto import tqdm
+
+
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTIONS = ("auto", "sdpa", "eager")
@@ -47,8 +50,6 @@ def say(message):
     """A line for the user from rank 0, printed past a progress bar and flushed, so that a log
     file or a pipe sees each line when it happens."""
     if first_rank():
-        from tqdm.auto import tqdm
-
         tqdm.write(message)
         sys.stdout.flush()
 
@@ -83,44 +84,3 @@ def usable_cores(cap=8):
     return max(1, min(n, cap))
 
 
-def cpu_has_bf16_units():
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def pick_device(name):
-    """torch.device for --device auto|cpu|cuda; ValueError when CUDA is asked for and missing."""
-    import torch
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA GPU is available")
-    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
-
-
-def pick_precision(name, device):
-    """(autocast dtype or None, whether to use a GradScaler) for --precision on `device`:
-    auto is fp16 + GradScaler on CUDA, bf16 on CPUs with bf16 matrix units, else fp32."""
-    import torch
-
-    if name == "auto":
-        name = "fp16" if device.type == "cuda" else "bf16" if cpu_has_bf16_units() else "fp32"
-    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[name], name == "fp16"
-
-
-def pick_attention(name, device):
-    """'sdpa' or 'eager' for --attention on `device`. On a CPU a git-base-sized training step
-    measured slower with torch's fused attention than with eager, in bf16 and in fp32 (README)."""
-    if name != "auto":
-        return name
-    return "sdpa" if device.type == "cuda" else "eager"
-
-
-def autocast(device, amp_dtype):
-    """The autocast context for a precision choice (a no-op one for fp32)."""
-    import torch
-
-    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)

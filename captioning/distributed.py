@@ -12,6 +12,12 @@ import socket
 import sys
 import time
 
+import torch
+import torch.distributed as dist
+
+from captioning import checkpoint
+
+
 # (hostname, pid) of every rank, in rank order, once the process group is joined: the rank whose
 # process has ended can then be named when a collective fails. Empty in a world of one.
 _peers = []
@@ -20,9 +26,6 @@ _peers = []
 def init(device):
     """(device, rank, world size): joins the process group when torchrun started us (nccl on
     CUDA, with this process's own GPU; gloo on CPU)."""
-    import torch
-    import torch.distributed as dist
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return device, 0, 1
@@ -36,8 +39,6 @@ def init(device):
 
 def barrier(world):
     if world > 1:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
@@ -56,9 +57,6 @@ def global_sum(values, world, device):
     """The values summed over ranks (one small all-reduce); the values themselves in a world of one."""
     if world == 1:
         return tuple(values)
-    import torch
-    import torch.distributed as dist
-
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return tuple(t.tolist())
@@ -67,8 +65,6 @@ def global_sum(values, world, device):
 def sum_(tensor, world):
     """Sum a tensor over ranks, in place."""
     if world > 1:
-        import torch.distributed as dist
-
         dist.all_reduce(tensor)
     return tensor
 
@@ -77,8 +73,6 @@ def gather(obj, world):
     """Every rank's obj, in rank order, on every rank."""
     if world == 1:
         return [obj]
-    import torch.distributed as dist
-
     out = [None] * world
     dist.all_gather_object(out, obj)
     return out
@@ -86,8 +80,6 @@ def gather(obj, world):
 
 def finish(world):
     if world > 1:
-        import torch.distributed as dist
-
         dist.barrier()  # rank 0 may still be writing: leave together
         dist.destroy_process_group()
 
@@ -106,8 +98,6 @@ def one_line_if_a_rank_is_lost(output_dir):
         # cut this line short, nor turn it into the line of a stop (there is no checkpoint to write).
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, signal.SIG_IGN)
-        import checkpoint
-
         existing = checkpoint.list_checkpoints(output_dir)
         print(f"error: {_who_is_gone()}; "
               + (f"the checkpoints written before are intact (the newest is {existing[-1][1]}): "
@@ -122,8 +112,6 @@ def _caused_by_a_failed_collective(e):
     backend's: torch's DistError (what nccl raises; not run here), or gloo's RuntimeError (torch
     2.13 raises a plain one, "[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer ..."
     or "...pair.cc:537] Read error ...: Connection reset by peer", from collectives and DDP alike)."""
-    import torch.distributed as dist
-
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))

@@ -1,6 +1,6 @@
-"""A training run: what it is made of (Run), what it has done so far (TrainState), and how
-train.py sets it up: output folder, data and model, loaders, optimizer, then the checkpoint to
-resume from.
+"""A training run: what it is made of (Run), and how train.py sets it up: output folder, data and
+model, loaders, optimizer, then the state to start from (checkpoint.restore: a fresh TrainState, or
+the checkpoint's).
 """
 import argparse
 import contextlib
@@ -12,44 +12,20 @@ import random
 import shutil
 import time
 
-import cli
-import distributed
-from cli import fail, say
+import datasets
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
+from captioning import batches, checkpoint, decode, distributed, flags, image_cache, runtime, sources
+from captioning.cli import fail, say
+from captioning.errors import DataError, ModelLoadError
+from captioning.evaluation import make_eval_loader
+from captioning.gitmodel import is_tiny, load_or_build_model, set_up_for_training
 
 
-def empty_window():
-    return {"loss": 0.0, "steps": 0, "samples": 0, "captions": 0}
-
-
-@dataclasses.dataclass
-class TrainState:
-    """The progress a resume needs, besides the weights, optimizer, scheduler, scaler and RNG
-    streams. Saved by state_dict() and restored by from_state_dict() alone, so that what is saved
-    and what is resumed cannot drift apart."""
-    step: int = 0  # optimizer steps taken
-    epoch: int = 0
-    # Samples of this epoch taken, all ranks together: in samples, not batches, so that a run
-    # resumed with another number of ranks continues with exactly the samples not yet seen.
-    samples_done: int = 0
-    best: dict = dataclasses.field(default_factory=lambda: {"metric": None, "value": None, "step": None})
-    history: list = dataclasses.field(default_factory=list)  # the scores of each evaluation
-    train_log: list = dataclasses.field(default_factory=list)  # (step, mean train loss) at each logged step
-    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
-    # The steps since the last logged line; kept across a resume so that line averages the same steps.
-    window: dict = dataclasses.field(default_factory=lambda: empty_window())
-
-    def state_dict(self):
-        state = dataclasses.asdict(self)
-        state["window"]["loss"] = float(state["window"]["loss"])  # a device tensor while training
-        return state
-
-    @classmethod
-    def from_state_dict(cls, state):
-        state = {**state, "window": {**empty_window(), **state.get("window", {})}}  # older checkpoints lack keys
-        return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls) if f.name in state})
-
-    def evaluated_now(self):
-        return bool(self.history) and self.history[-1]["step"] == self.step
 
 
 @dataclasses.dataclass
@@ -98,7 +74,7 @@ def setup(args):
     checkpoint). The output folder is this run's alone (an OS lock) until the block ends."""
     quiet_libraries()
     try:
-        device, rank, world = distributed.init(cli.pick_device(args.device))
+        device, rank, world = distributed.init(runtime.pick_device(args.device))
     except ValueError as e:
         fail(str(e))
     lock = hold_output_dir(args.output_dir, rank, world, device)
@@ -106,25 +82,19 @@ def setup(args):
         yield build(args, device, rank, world)
     finally:
         if lock:
-            import checkpoint
-
             checkpoint.release_folder(lock)
 
 
 def build(args, device, rank, world):
     """(Run, TrainState), in named steps; the output folder is already held."""
-    import torch
-
-    import numpy as np
-
     # Every stream seeded (numpy's too: it is saved with each checkpoint), so two runs with the
     # same flags write the same files. Ranks draw their own dropout masks; DDP copies rank 0's weights.
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
-    amp_dtype, use_scaler = cli.pick_precision(args.precision, device)
+    amp_dtype, use_scaler = runtime.pick_precision(args.precision, device)
     resume_from = prepare_output_dir(args, rank, world)
-    attention = cli.pick_attention(args.attention, device)
+    attention = runtime.pick_attention(args.attention, device)
     model, processor, tables = load_data_and_model(args, resume_from, device, rank, world, attention)
     train_loader, eval_loader, eval_captions, eval_images = make_loaders(args, tables, processor, device, rank, world)
     steps_per_epoch = math.ceil(math.ceil(train_loader.sampler.num_samples / args.batch_size) / args.grad_accum)
@@ -136,7 +106,7 @@ def build(args, device, rank, world):
         + (f" | {world} processes, global batch {args.batch_size * args.grad_accum * world}" if world > 1 else ""))
     optimizer, scheduler, scaler = make_optimizer(args, model, max_steps, device, use_scaler)
     samples_per_epoch = train_loader.sampler.total_size
-    state = restore(resume_from, args, optimizer, scheduler, scaler, rank, world, samples_per_epoch)
+    state = checkpoint.restore(resume_from, args, optimizer, scheduler, scaler, rank, world, samples_per_epoch)
     run = Run(args=args, device=device, rank=rank, world=world, model=model, net=wrap_for_training(model, args, device, world),
               processor=processor, amp_dtype=amp_dtype, train_loader=train_loader, eval_loader=eval_loader,
               eval_captions=eval_captions, eval_images=eval_images, samples_per_epoch=samples_per_epoch,
@@ -160,9 +130,6 @@ def parameter_count(model):
 
 
 def quiet_libraries():
-    import datasets
-    import transformers
-
     transformers.logging.set_verbosity_error()  # the PIL-backend notice on every processor load is noise
     transformers.logging.disable_progress_bar()
     datasets.disable_progress_bars()
@@ -172,8 +139,6 @@ def hold_output_dir(output_dir, rank, world, device):
     """Rank 0 takes the OS lock on --output-dir before anything in it is read, tidied or written;
     a folder held by another live run stops every rank in one line and is left as it is.
     Returns the lock (an open file; closing it lets the folder go), None on other ranks."""
-    import checkpoint
-
     lock, holder = None, None
     if rank == 0:
         try:
@@ -191,8 +156,6 @@ def hold_output_dir(output_dir, rank, world, device):
 def prepare_output_dir(args, rank, world):
     """Tidy what a crash left in --output-dir, refuse to mix two runs, and check that a resume
     continues the same run; returns the checkpoint to resume from, or None."""
-    import checkpoint
-
     if rank == 0:
         for line in checkpoint.tidy_interrupted_writes(args.output_dir):
             print(f"{args.output_dir}: {line}", flush=True)
@@ -225,8 +188,6 @@ def prepare_output_dir(args, rank, world):
 def newest_whole_checkpoint(existing):
     """The newest of the (step, path) checkpoints whose files are whole; each damaged one newer than it
     is named (every rank checks, rank 0 says so). None whole: one line, the run stops."""
-    import checkpoint
-
     for _, path in reversed(existing):
         problem = checkpoint.damaged_file(path, training_state=True)
         if not problem:
@@ -234,16 +195,6 @@ def newest_whole_checkpoint(existing):
         say(f"--resume: skipping {os.path.basename(path)}, it is damaged ({problem}); trying the one before it")
     fail(f"--resume: every checkpoint in {os.path.dirname(existing[0][1])!r} is damaged (see above); "
          f"start a new run, or --model a folder of weights")
-
-
-# Flags that decide which samples a step sees, or what a step computes. Resuming with another
-# value would quietly make a run that is neither the old one nor a new one, so it is refused;
-# every other flag may change (intervals, limits, workers, devices) and is said once.
-FIXED_ON_RESUME = ("dataset", "image_root", "image_column", "text_column", "test_size", "synthetic_size",
-                   "on_bad_sample", "caption_sampling", "exact_preprocessing", "max_image_pixels", "model", "freeze_vision",
-                   "max_text_length", "batch_size", "grad_accum", "seed", "learning_rate", "lr_schedule",
-                   "warmup_steps", "weight_decay", "max_grad_norm", "metric_for_best")
-NOT_COMPARED = ("resume", "overwrite_output_dir", "output_dir", "hub_model_id")
 
 
 def saved_args(resume_from, output_dir):
@@ -263,8 +214,8 @@ def check_resume_flags(args, saved):
         return
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     changed = [(name, saved[name], getattr(args, name)) for name in sorted(saved)
-               if name not in NOT_COMPARED and hasattr(args, name) and saved[name] != getattr(args, name)]
-    refused = [c for c in changed if c[0] in FIXED_ON_RESUME]
+               if name not in flags.NOT_COMPARED and hasattr(args, name) and saved[name] != getattr(args, name)]
+    refused = [c for c in changed if c[0] in flags.FIXED_ON_RESUME]
     if refused:
         fail("--resume: " + ", ".join(f"{flag(n)} {new} (was {old})" for n, old, new in refused)
              + " would change which samples a step sees or what it computes; resume with the values the run "
@@ -275,18 +226,13 @@ def check_resume_flags(args, saved):
 
 def load_data_and_model(args, resume_from, device, rank, world, attention="eager"):
     """(model on device, processor, (train table, eval table)); bad data or model names stop in one line."""
-    import torch
-
-    import data
-    from model import ModelLoadError, is_tiny, load_or_build_model, set_up_for_training
-
     say(f"loading dataset {args.dataset!r}")
     try:
-        tables = data.load_tables(args)
-    except data.DataError as e:
+        tables = sources.load_tables(args)
+    except DataError as e:
         fail(str(e))
     # A tiny GIT learns its tokenizer from the training captions; rank 0 writes it, then the others load it.
-    captions = data.caption_texts(tables[0], args.text_column) if is_tiny(args.model) and not resume_from else []
+    captions = sources.caption_texts(tables[0], args.text_column) if is_tiny(args.model) and not resume_from else []
     with distributed.first_then_others(rank == 0, world):
         try:
             model, processor = load_or_build_model(args, captions, resume_from, build=rank == 0, attention=attention)
@@ -303,18 +249,11 @@ def make_loaders(args, tables, processor, device, rank, world):
     """(train loader, eval loader, eval references, eval example images). Images are decoded,
     resized and cropped once and kept as uint8 at the model's resolution, in the cache (memory-mapped)
     unless --no-cache; each node's first rank fills the cache, the others read it."""
-    import numpy as np
-    from PIL import Image
-
-    import batches
-    import checkpoint
-    import data
-
     t0 = time.time()
     cache_dir = None if args.no_cache else os.path.expanduser(args.cache_dir)
     skipped = [] if args.on_bad_sample == "skip" else None
     prepared = []
-    draft = None if args.exact_preprocessing else data.draft_size(processor.image_processor)
+    draft = None if args.exact_preprocessing else decode.draft_size(processor.image_processor)
     # Without a cache every rank decodes for itself: the node's cores are shared among its ranks.
     workers = args.preprocessing_num_workers if cache_dir else \
         max(1, args.preprocessing_num_workers // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -322,11 +261,11 @@ def make_loaders(args, tables, processor, device, rank, world):
     with distributed.first_then_others(int(os.environ.get("LOCAL_RANK", rank)) == 0, world):
         for table, what in zip(tables, ("train", "eval")):
             try:
-                prepared.append(batches.prepare_split(table, args.image_column, args.text_column, what,
+                prepared.append(image_cache.prepare_split(table, args.image_column, args.text_column, what,
                                                       processor.image_processor, skipped, cache_dir, draft=draft,
                                                       num_workers=workers, notify=say,
                                                       max_pixels=args.max_image_pixels))
-            except data.DataError as e:
+            except DataError as e:
                 fail(str(e))
             except OSError as e:
                 fail(f"--cache-dir {cache_dir!r}: {e.strerror or e} (or pass --no-cache)")
@@ -351,23 +290,10 @@ def make_loaders(args, tables, processor, device, rank, world):
     return train_loader, eval_loader, eval_captions, eval_images
 
 
-def make_eval_loader(args, pixels, captions, processor, device, rank=0, world=1):
-    """The evaluation loader, here and in metrics.py --model: each image once across ranks, in order, with
-    its first reference as the loss target, batched by --eval-batch-size."""
-    import batches
-
-    eval_set = batches.build_dataset(pixels, captions, processor, args.max_text_length, args.seed)
-    return batches.make_loader(eval_set, args.eval_batch_size, batches.ShardSampler(len(eval_set), world, rank),
-                               processor.tokenizer.pad_token_id, args.num_workers, device.type == "cuda")
-
-
 def wrap_for_training(model, args, device, world):
     """What training's forward and backward go through: under torchrun a DDP wrapper, which
     averages the gradients across ranks during backward; compiled with --compile, for fixed shapes
     (the loader pads batches to a few shapes, each compiled once: see batches.collate)."""
-    import torch
-    from torch.nn.parallel import DistributedDataParallel
-
     net = model if world == 1 else DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if not args.compile:
         return net
@@ -391,8 +317,6 @@ def lr_factor(schedule, warmup, total):
 
 def make_optimizer(args, model, max_steps, device, use_scaler):
     """(AdamW, learning-rate schedule, GradScaler)."""
-    import torch
-
     trainable = [p for p in model.parameters() if p.requires_grad]  # --freeze-vision leaves the image encoder out
     decay = [p for p in trainable if p.ndim >= 2]
     no_decay = [p for p in trainable if p.ndim < 2]  # biases and LayerNorms
@@ -403,37 +327,8 @@ def make_optimizer(args, model, max_steps, device, use_scaler):
     return optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=use_scaler)
 
 
-def restore(resume_from, args, optimizer, scheduler, scaler, rank, world, samples_per_epoch):
-    """The TrainState to start from: a fresh one, or the checkpoint's, with the optimizer,
-    schedule, scaler and this rank's RNG streams put back as they were."""
-    import checkpoint
-
-    if not resume_from:
-        return TrainState(best={"metric": args.metric_for_best, "value": None, "step": None})
-    saved = checkpoint.load_training_state(resume_from)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    scaler.load_state_dict(saved["scaler"])
-    rngs = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]  # one per rank
-    # A different number of ranks than before: every rank continues from rank 0's streams.
-    checkpoint.set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
-    if len(rngs) != world:
-        say(f"resuming with {world} process{'es' * (world != 1)} instead of {len(rngs)}: the global batch is now "
-            f"{args.batch_size * args.grad_accum * world} (was {args.batch_size * args.grad_accum * len(rngs)})")
-    if "samples_done" not in saved:  # written before positions were kept in samples: batches per rank
-        saved["samples_done"] = saved["batches_done"] * args.batch_size * len(rngs)
-    state = TrainState.from_state_dict(saved)
-    say(f"resumed from {resume_from} at step {state.step} "
-        f"(epoch {state.epoch}, sample {state.samples_done} of {samples_per_epoch})")
-    return state
-
-
 def open_writer(args, rank, resumed_step):
     """TensorBoard's writer on rank 0 (a stand-in elsewhere); writes training_args.json beside it."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    import checkpoint
-
     if rank != 0:
         return distributed.Silent()
     path = os.path.join(args.output_dir, "training_args.json")

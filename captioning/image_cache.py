@@ -1,9 +1,10 @@
-"""Rows of images and captions -> tensors and batches for GIT.
+"""The image cache: every split's images decoded, resized and cropped once into uint8 pixels at the
+model's resolution, by forked worker processes (large JPEGs drafted), and kept on disk for the next run.
 
-Images are decoded, resized and cropped once into uint8 pixels at the model's resolution by
-prepare_split (in worker processes, large JPEGs drafted; cached on disk with checksums and
-memory-mapped), captions tokenised once; collate pads and normalises each batch; the samplers
-shuffle per epoch, shard across torchrun ranks and start mid-epoch for resume.
+An entry is a folder named by what decides its pixels (cache_key): pixels.u8, memory-mapped, and
+index.json (rows, captions, crc32 of each chunk of pixels, and of itself). It is built under a
+temporary name and renamed into place; a flock on the cache folder lets one process build at a time;
+a damaged entry is named and rebuilt, and a dead process's unfinished fill is removed.
 """
 import collections
 import concurrent.futures
@@ -11,7 +12,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
-import functools
+import hashlib
 import itertools
 import json
 import mmap
@@ -25,46 +26,31 @@ import zlib
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
-import data
-import workers
-from data import DataError, check_columns
+from captioning import cli, decode, sources, workers
+from captioning.batches import to_pixels
+from captioning.errors import DataError
+from captioning.sources import check_columns
 
-
-def pixel_values(image_processor, images, chunk=64):
-    """Run the checkpoint's image processor once over all images: (N, 3, H, W) float32."""
-    out = [image_processor(images=images[i:i + chunk], return_tensors="pt")["pixel_values"]
-           for i in range(0, len(images), chunk)]
-    return torch.cat(out) if out else torch.empty(0)
-
-
-def to_pixels(image_processor, images):
-    """PIL images -> (N, 3, H, W) uint8, resized and cropped by the checkpoint's processor but not
-    yet rescaled or normalised: a quarter of float32's size. collate() normalises each batch, which
-    gives the processor's own output exactly."""
-    if not images:
-        return np.zeros((0, 3, 1, 1), dtype=np.uint8)
-    out = image_processor(images=images, do_rescale=False, do_normalize=False, return_tensors="np")["pixel_values"]
-    return out if out.dtype == np.uint8 else np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
-def normaliser(image_processor):
-    """(mean, std) as (3, 1, 1) tensors for uint8 pixels scaled to [0, 1]."""
-    mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(3, 1, 1)
-    return mean, std
 
 
 # Bump when what prepare_split stores changes (2: the draft in the key, checksums in index.json; 3: index.json
 # checksums itself, the pixel limit in the key).
 CACHE_VERSION = 3
+
+
 # A pixel file is checked against its checksums at every opening when it is at most this big: crc32 ran at
 # 6.7 GB/s over bytes in memory here, and check_segments at 5.7 GB/s reading pixels.u8 from the page cache
 # (0.2 s a GiB; from disk, the disk's speed). A bigger file, which may not fit in memory, has SAMPLED_SEGMENTS of
 # its chunks checked, spread over it; its size is always checked, and verify=True checks everything.
 FULL_CHECK_BYTES = 1 << 30
+
+
 SAMPLED_SEGMENTS = 16
+
+
 _filling = set()  # the .tmp-PID folders this process is writing now
 
 
@@ -72,12 +58,10 @@ class CacheDamaged(OSError):
     """A cache entry that is incomplete or does not match its checksums; the message says how."""
 
 
-def cache_key(table, image_column, text_column, image_processor, draft=None, max_pixels=data.MAX_IMAGE_PIXELS):
+def cache_key(table, image_column, text_column, image_processor, draft=None, max_pixels=cli.MAX_IMAGE_PIXELS):
     """Names the preprocessed form of a split: the table's datasets fingerprint (content, files and
     their modification times, split arguments), everything that shapes the pixels, and the pixel
     limit, which decides the rows left out."""
-    import hashlib
-
     settings = {k: v for k, v in image_processor.to_dict().items() if not k.startswith("_")}
     ident = json.dumps([CACHE_VERSION, table._fingerprint, image_column, text_column, settings, draft, max_pixels],
                        sort_keys=True, default=str)
@@ -85,7 +69,7 @@ def cache_key(table, image_column, text_column, image_processor, draft=None, max
 
 
 def prepare_split(table, image_column, text_column, what, image_processor, skipped=None, cache_dir=None, chunk=64,
-                  draft=None, num_workers=0, verify=None, notify=None, max_pixels=data.MAX_IMAGE_PIXELS):
+                  draft=None, num_workers=0, verify=None, notify=None, max_pixels=cli.MAX_IMAGE_PIXELS):
     """Decode, resize and crop every image once -> (uint8 pixels (N, 3, H, W), captions).
 
     Bad rows raise (the first, naming it) or are described in `skipped`, as in read_rows. With
@@ -93,10 +77,10 @@ def prepare_split(table, image_column, text_column, what, image_processor, skipp
     opened memory-mapped: a split larger than memory is fine) and the next run with the same data
     and processor starts from them without decoding.
 
-    draft: the shortest edge to decode JPEGs at least at (data.draft_size(image_processor)): a
+    draft: the shortest edge to decode JPEGs at least at (decode.draft_size(image_processor)): a
       large JPEG is decoded at 1/2, 1/4 or 1/8 size, then resized and cropped by the processor as
       usual. None decodes every pixel: the processor's own output exactly.
-    max_pixels: an image that would decode to more pixels is a bad row (data.open_image).
+    max_pixels: an image that would decode to more pixels is a bad row (decode.open_image).
     num_workers: processes that decode `chunk` rows at a time and write their pixels in place
       (0 or 1: this process). Row order, captions and skipped rows do not depend on it.
     verify: check the cached pixels against their checksums: True always, False never (the size
@@ -141,13 +125,8 @@ def report_bad(bad, skipped):
 
 def row_shape(image_processor):
     """(3, H, W) of every image the processor makes (it resizes and crops to one size)."""
-    from PIL import Image
-
     return tuple(int(n) for n in to_pixels(image_processor, [Image.new("RGB", (320, 240))]).shape[1:])
 
-
-# ---------------------------------------------------------------------------------------------
-# Filling: rows -> pixels in slots, in this process or in worker processes
 
 @dataclasses.dataclass
 class Fill:
@@ -160,7 +139,7 @@ class Fill:
     stop_at_bad: bool = True  # no `skipped` list: the first bad row ends the fill
     shape: tuple = (3, 1, 1)
     slots: object = None
-    max_pixels: int = data.MAX_IMAGE_PIXELS
+    max_pixels: int = cli.MAX_IMAGE_PIXELS
 
     @property
     def row_bytes(self):
@@ -174,7 +153,7 @@ def fill(table, job, chunk, num_workers):
     for each other; taking the chunks in order, the parent then moves each chunk's rows down over
     the slots of the bad rows before it, into slots that finished chunks have already left. At most
     two chunks per worker are in flight."""
-    rows = data.undecoded(table, job.image_column)
+    rows = sources.undecoded(table, job.image_column)
     chunks = ((k * chunk, list(zip(itertools.count(k * chunk), batch[job.image_column], batch[job.text_column])))
               for k, batch in enumerate(rows.iter(batch_size=chunk)))
     processes = min(num_workers, -(-len(table) // chunk)) if "fork" in multiprocessing.get_all_start_methods() else 0
@@ -247,17 +226,17 @@ def fill_chunk(job, start, rows):
 
 
 def read_cells(job, i, image_cell, caption_cell):
-    """data.read_row for one row's two cells, opening JPEGs at job.draft. A row it would refuse
+    """sources.read_row for one row's two cells, opening JPEGs at job.draft. A row it would refuse
     goes to read_row itself, so that bad rows are named in its words whatever the draft."""
     row = {job.image_column: image_cell, job.text_column: caption_cell}
-    _, source = data.image_cell(image_cell, i)
-    refs = data.caption_refs(caption_cell)
+    _, source = sources.image_cell(image_cell, i)
+    refs = sources.caption_refs(caption_cell)
     if job.draft and source is not None and refs:
         try:
-            return data.open_image(source, draft=job.draft, max_pixels=job.max_pixels), refs
+            return decode.open_image(source, draft=job.draft, max_pixels=job.max_pixels), refs
         except DataError:
             pass  # read_row opens it again, in full, and names the row as it does
-    return data.read_row(row, i, job.image_column, job.text_column, job.what, job.max_pixels)
+    return sources.read_row(row, i, job.image_column, job.text_column, job.what, job.max_pixels)
 
 
 def chunk_result(future, what, start, n):
@@ -326,9 +305,6 @@ class MemorySlots:
             return np.zeros((0, *shape), dtype=np.uint8)
         return np.frombuffer(self.map, dtype=np.uint8, count=rows * int(np.prod(shape))).reshape(rows, *shape)
 
-
-# ---------------------------------------------------------------------------------------------
-# Cache entries: CACHE/{what}-{key}/ with pixels.u8 and index.json, built in {entry}.tmp-PID
 
 def open_entry(folder, verify):
     """(memory-mapped pixels, index) of the complete entry in folder; None when there is none;
@@ -505,166 +481,3 @@ def process_alive(pid):
     except PermissionError:
         return True  # another user's
     return True
-
-
-class CaptionDataset(torch.utils.data.Dataset):
-    """Images (uint8, model resolution, possibly memory-mapped from the cache) with tokenised
-    captions; an item is (pixels, a list of token id lists, index). With several captions per image,
-    training takes one drawn per epoch, seeded by (seed, epoch, index) so a resumed run draws the
-    same ones, or with all_captions every one of them; evaluation always takes the first."""
-
-    def __init__(self, pixels, token_ids, references, seed=0, normalise=None, all_captions=False):
-        self.pixels, self.token_ids, self.references, self.seed = pixels, token_ids, references, seed
-        self.mean, self.std = normalise if normalise else (torch.zeros(3, 1, 1), torch.ones(3, 1, 1))
-        self.all_captions = all_captions
-        self.epoch = None  # None: always the first caption (evaluation)
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return len(self.token_ids)
-
-    def __getitem__(self, i):
-        choices = self.token_ids[i]
-        pixels = torch.from_numpy(np.array(self.pixels[i]))
-        if self.epoch is None:
-            return pixels, choices[:1], i
-        if self.all_captions:
-            return pixels, choices, i
-        k = int(np.random.default_rng([self.seed, self.epoch, i]).integers(len(choices))) if len(choices) > 1 else 0
-        return pixels, [choices[k]], i
-
-
-def tokenise(tokenizer, captions, max_text_length):
-    """Each image's references -> a list of token id lists, truncated to max_text_length."""
-    flat = [c for refs in captions for c in refs]
-    ids = tokenizer(flat, truncation=True, max_length=max_text_length)["input_ids"] if flat else []
-    token_ids, k = [], 0
-    for refs in captions:
-        token_ids.append(ids[k:k + len(refs)])
-        k += len(refs)
-    return token_ids
-
-
-def build_dataset(images, captions, processor, max_text_length, seed=0, all_captions=False):
-    """From decoded images (PIL) or from uint8 pixels made by prepare_split."""
-    pixels = images if isinstance(images, np.ndarray) else to_pixels(processor.image_processor, images)
-    return CaptionDataset(pixels, tokenise(processor.tokenizer, captions, max_text_length), captions, seed,
-                          normaliser(processor.image_processor), all_captions)
-
-
-# --compile pads captions up to one of these lengths (or --max-text-length), so that the compiled
-# step meets a handful of shapes in a run instead of one per caption length (each new shape is a
-# new compile). Each is at most 1.5x the one below: little padding for the decoder to carry.
-LENGTH_BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-
-
-def bucket_length(n, max_length):
-    return min(b for b in (*LENGTH_BUCKETS, max_length) if b >= n)
-
-
-def collate(batch, pad_id=0, mean=0.0, std=1.0, static=None):
-    """B images and their captions -> one batch. Row j * B + i holds caption j of image i, because
-    GIT's forward repeats the B projected images over the caption rows (row r gets image r % B):
-    the image encoder runs once for all captions of an image. An image with fewer captions than
-    the most in its batch gets filler rows: padding only, no targets, so they add nothing to the
-    loss (they cost decoder compute like any row). Captions are padded to the longest in the batch;
-    labels are the input ids with padding set to -100 so the loss ignores it (the recipe trains on
-    512-token padding). uint8 pixels become floats scaled to [0, 1] and normalised, as the image
-    processor would have.
-    static=(images, max_length), for --compile: the batch always holds `images` images (the epoch's
-    last, short batch gets blank filler images whose rows are all filler) and captions are padded to
-    a LENGTH_BUCKETS length, so only the count of captions per image and the bucket change shape."""
-    pixels, captions, index = zip(*batch)
-    if static:
-        filler = static[0] - len(pixels)
-        pixels, captions = pixels + (torch.zeros_like(pixels[0]),) * filler, captions + ([],) * filler
-    rows = [caps[j] if j < len(caps) else [] for j in range(max(map(len, captions))) for caps in captions]
-    length = max(len(x) for x in rows)
-    if static:
-        length = bucket_length(length, static[1])
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for row, x in enumerate(rows):
-        input_ids[row, :len(x)] = torch.tensor(x, dtype=torch.long)
-        attention_mask[row, :len(x)] = 1
-    pixels = torch.stack(pixels)
-    if pixels.dtype == torch.uint8:
-        pixels = (pixels.float() / 255 - mean) / std
-    return {"pixel_values": pixels, "input_ids": input_ids, "attention_mask": attention_mask,
-            "labels": input_ids.masked_fill(attention_mask == 0, -100), "index": torch.tensor(index)}
-
-
-class EpochSampler(torch.utils.data.distributed.DistributedSampler):
-    """torch's DistributedSampler (a seeded shuffle per epoch, padded to a multiple of the ranks,
-    rank r taking every num_replicas-th sample from r) that can also start part-way through the
-    epoch, for resume. `start` counts the samples all ranks took together: N ranks that took k
-    each have taken exactly the first N * k of the permutation, so any number of ranks can take
-    the rest. With num_replicas=1 it is a plain seeded shuffle: one process and N ranks draw from
-    the same permutation."""
-
-    def __init__(self, n, seed=0, shuffle=True, num_replicas=1, rank=0):
-        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
-        self.start = 0
-
-    def set_epoch(self, epoch, start=0):
-        super().set_epoch(epoch)
-        self.start = start
-
-    def epoch_order(self):
-        """The whole epoch's samples, as DistributedSampler orders and pads them for all ranks."""
-        n = len(self.dataset)
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed + self.epoch)
-            order = torch.randperm(n, generator=g).tolist()
-        else:
-            order = list(range(n))
-        while len(order) < self.total_size:
-            order += order[:self.total_size - len(order)]
-        return order
-
-    def __iter__(self):
-        return iter(self.epoch_order()[self.start + self.rank::self.num_replicas])
-
-    def __len__(self):
-        return len(range(self.start + self.rank, self.total_size, self.num_replicas))
-
-
-class ShardSampler(torch.utils.data.Sampler):
-    """Evaluation: rank r takes items r, r + N, r + 2N... in order, without the padding
-    DistributedSampler adds, so every eval image is scored exactly once across ranks."""
-
-    def __init__(self, n, num_replicas=1, rank=0):
-        self.indices = list(range(rank, n, num_replicas))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-
-def make_loader(dataset, batch_size, sampler, pad_id, num_workers=0, pin_memory=False, static_length=None):
-    """static_length: --compile's fixed batch shapes (see collate), captions at most this long."""
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-        collate_fn=functools.partial(collate, pad_id=pad_id, mean=getattr(dataset, "mean", 0.0),
-                                     std=getattr(dataset, "std", 1.0),
-                                     static=(batch_size, static_length) if static_length else None),
-        worker_init_fn=workers.initializer() if num_workers else None, generator=torch.Generator())
-
-
-def epoch_batches(loader, epoch, start=0, seed=0):
-    """An iterator over the batches of `epoch`, from sample `start` of this rank's share on.
-
-    Everything random in it is a function of (seed, epoch): the shuffle, the caption drawn for
-    images with several, and the worker seeds. A DataLoader draws its worker seed from its
-    generator at every new iterator, so without the reseed a resumed run (one fresh iterator
-    instead of one per earlier epoch) would give its workers other seeds."""
-    loader.sampler.set_epoch(epoch, start)
-    if hasattr(loader.dataset, "set_epoch"):
-        loader.dataset.set_epoch(epoch)
-    loader.generator.manual_seed(seed * 100_003 + epoch)
-    return iter(loader)

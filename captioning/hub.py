@@ -33,27 +33,3 @@ def offline_unless_needed(*names):
     if all(looks_like_path(n) for n in names) or not hub_reachable():
         os.environ["HF_HUB_OFFLINE"] = "1"
 
-
-def push_problem():
-    """Why --push-to-hub cannot work from here (no token, no network), or None. Checked before training."""
-    from huggingface_hub import get_token
-
-    if get_token() is None:
-        return "not logged in to the Hugging Face Hub (run `hf auth login` or set HF_TOKEN)"
-    if not hub_reachable():
-        return "the Hugging Face Hub cannot be reached from here (offline, or HF_HUB_OFFLINE is set)"
-    return None
-
-
-def push_folder(folder, repo_id, message):
-    """Upload a model folder to repo_id (created if missing); returns None or a one-line reason."""
-    from huggingface_hub import HfApi
-
-    try:
-        api = HfApi()
-        api.create_repo(repo_id, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message)
-    except Exception as e:  # HTTP, auth and network errors all mean: not uploaded this time
-        text = str(e).strip().splitlines()
-        return f"{type(e).__name__}: {text[0] if text else ''}"
-    return None

@@ -5,7 +5,9 @@ and the benchmark need no download and always see the same pictures.
 """
 import random
 
+import datasets
 from PIL import Image, ImageDraw
+
 
 COLORS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220),
           "yellow": (235, 200, 0), "purple": (140, 40, 170), "orange": (245, 130, 0)}
@@ -53,8 +55,6 @@ def retellings(caption, k):
 def dataset(n, seed=0, captions_per_image=1):
     """The first n scenes of `seed` as a `datasets` table with an image and a text column (a list
     of captions when captions_per_image > 1)."""
-    import datasets
-
     scenes = [scene(seed, i) for i in range(n)]
     if captions_per_image == 1:
         text, text_type = [s[1] for s in scenes], datasets.Value("string")

@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 
+
 _locks = {}  # descriptor -> (device, inode) of the files of this process whose locks its workers must not keep
 PR_SET_PDEATHSIG = 1
 

@@ -5,43 +5,20 @@ offline demo and the tests go through exactly the code path a real checkpoint ta
 """
 import os
 
-# GIT tiny presets: a ViT over 64 px images in 8 px patches (65 image tokens) and a small decoder.
-# Sized so the synthetic demo learns to caption in a few CPU minutes.
-TINY_PRESETS = {
-    "tiny": dict(
-        vision=dict(hidden_size=192, intermediate_size=576, num_hidden_layers=3, num_attention_heads=4,
-                    image_size=64, patch_size=8),
-        text=dict(hidden_size=192, intermediate_size=576, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=128),
-    ),
-    # microsoft/git-base's architecture (GitConfig's defaults), randomly initialised: for measuring
-    # speed at the real size offline. The output layer keeps git-base's 30522 rows although the
-    # learned tokenizer is far smaller, and captions pad to 512 as git-base's processor says.
-    "base-scratch": dict(
-        vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                    image_size=224, patch_size=16),
-        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=6, num_attention_heads=12,
-                  max_position_embeddings=1024),
-        vocab_size=30522,
-        model_max_length=512,
-    ),
-}
+import torch
+import transformers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoProcessor, BertTokenizerFast, GitConfig, GitForCausalLM, GitProcessor
 
-
-class ModelLoadError(Exception):
-    """A model or processor could not be loaded; the message names it and says what to do."""
-
-
-def is_tiny(name):
-    return name in TINY_PRESETS
+from captioning.attention import set_attention
+from captioning.checkpoint import damaged_file
+from captioning.errors import ModelLoadError
+from captioning.hub import looks_like_path
+from captioning.presets import TINY_PRESETS, is_tiny
 
 
 def build_tiny_git(captions, out_dir, preset="tiny", vocab_size=2000, seed=0):
     """Write a randomly initialised GIT plus a WordPiece tokenizer learned from `captions` to out_dir."""
-    import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import BertTokenizerFast, CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor
-
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] first: GIT's pad id is 0
     wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -53,7 +30,9 @@ def build_tiny_git(captions, out_dir, preset="tiny", vocab_size=2000, seed=0):
     cfg = TINY_PRESETS[preset]
     tokenizer.model_max_length = cfg.get("model_max_length", cfg["text"]["max_position_embeddings"])
     size = cfg["vision"]["image_size"]
-    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    # Looked up here, not imported at the top: the lookup warns that torchvision is missing, and by now
+    # the command has quieted transformers' logging.
+    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     # A preset may ask for a larger output layer than the learned vocabulary (a real model's size).
     vocab = max(len(tokenizer), cfg.get("vocab_size", 0))
     config = GitConfig(
@@ -78,8 +57,6 @@ def build_tiny_git(captions, out_dir, preset="tiny", vocab_size=2000, seed=0):
 
 def sincos_2d(grid, dim):
     """(grid*grid, dim) codes: half the channels encode the row, half the column."""
-    import torch
-
     freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
     coords = torch.arange(grid, dtype=torch.float32)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")
@@ -122,12 +99,6 @@ def load_model(name, dtype=None, trust_remote_code=False, attention="eager"):
     """AutoModelForCausalLM + AutoProcessor from a Hub id or a local folder; one-line errors.
     attention: "sdpa" swaps in the fused attention (attention.py), "eager" keeps transformers' own.
     Code shipped with a model (auto_map in its config) runs only with trust_remote_code=True."""
-    from transformers import AutoModelForCausalLM, AutoProcessor
-
-    from attention import set_attention
-    from checkpoint import damaged_file
-    from hub import looks_like_path
-
     if looks_like_path(name):
         if not os.path.isdir(name):
             raise ModelLoadError(f"model folder {name!r} does not exist")
@@ -162,3 +133,17 @@ def load_model(name, dtype=None, trust_remote_code=False, attention="eager"):
 def first_line(e):
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def resolve_model(name):
+    """A train.py output folder means its best/ model."""
+    best = os.path.join(name, "best")
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")) and os.path.isdir(best):
+        return best
+    return name
+
+
+def num_image_tokens(config):
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2 + 1
+    return patches * (config.num_image_with_embedding or 1)
