@@ -1,8 +1,6 @@
-"""What the command lines share: a parser whose errors are one line, `fail`, argparse types that
-check a number's range, and the choice of device and precision used by training and captioning.
-
-Kept free of heavy imports (torch is imported inside the functions that need it), so `--help`
-and flag errors answer at once.
+"""What the command lines share: a parser whose errors are one line, `fail`, `say`, and argparse
+types that check a number's range. A leaf (no torch: the device and precision are in runtime.py),
+so that `--help` and flag errors answer at once.
 """
 import argparse
 import os
@@ -14,7 +12,7 @@ from tqdm.auto import tqdm
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTIONS = ("auto", "sdpa", "eager")
-# --max-image-pixels' default (data.py says why); here, so that --help answers without importing PIL.
+# --max-image-pixels' default (decode.py says why); here, so that --help answers without importing PIL.
 MAX_IMAGE_PIXELS = 40_000_000
 MAX_IMAGE_PIXELS_HELP = ("refuse an image that would decode to more pixels than this, as a bad row (a JPEG counts "
                          "at the reduced size it is decoded at); 0: no limit")

@@ -1,7 +1,7 @@
 """The loss and the evaluation, as training and metrics.py --model both compute them.
 
-caption_loss is next-token cross-entropy over caption tokens only (GIT's logits layout is in
-model.py); evaluate adds the captions model.generate writes for the eval split.
+caption_loss is next-token cross-entropy over caption tokens only (GIT's image-token count is in
+gitmodel.py); evaluate adds the captions model.generate writes for the eval split.
 """
 import torch
 import torch.nn.functional as F

@@ -1,8 +1,8 @@
 """metrics.py --model: score a saved model on a dataset as train.py's evaluation does, with its code.
 
-The split comes from data.load_tables, the image cache and loader from batches and
-run.make_eval_loader, generation and the teacher-forced loss from train.evaluate, the scores from
-metrics. The flags that decide the numbers default to those of the run that wrote the model (its
+The split comes from sources.load_tables, the pixels from image_cache, the loader from
+evaluation.make_eval_loader, generation and the teacher-forced loss from evaluation.evaluate, the
+scores from measures. The flags that decide the numbers default to those of the run that wrote the model (its
 training_args.json); flags given override them. So OUT/best scores the WER the run reported for it.
 """
 import argparse

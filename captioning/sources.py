@@ -1,4 +1,4 @@
-"""Turn a captioning source into tables of images and captions (batches.py makes the tensors).
+"""Turn a captioning source into tables of images and captions (image_cache.py and batches.py make the tensors).
 
 Sources (--dataset): a Hub dataset id, a local imagefolder (images + metadata.jsonl/csv), a folder
 written by Dataset.save_to_disk, a COCO captions or Karpathy split file (.json, images under
