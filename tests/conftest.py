@@ -2,7 +2,7 @@
 trained once per session), synthetic datasets on disk; and a reader of a child process's output
 that gives up after a timeout."""
 import contextlib
-import fcntl
+import importlib
 import io
 import json
 import os
@@ -32,12 +32,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    if BACKGROUND is not None and BACKGROUND.poll() is None:  # the session ended before it was needed
+        BACKGROUND.kill()
+        BACKGROUND.wait()
     shutil.rmtree(os.environ["GIT_CAPTION_CACHE"], ignore_errors=True)
 
 
 # After the environment above: huggingface_hub reads HF_HUB_OFFLINE once, when it is first imported.
 from captioning import sources, synthetic  # noqa: E402
 from captioning.gitmodel import build_tiny_git  # noqa: E402
+import trained_run as trained_run_script  # noqa: E402
+from trained_run import TRAINED_RUN  # noqa: E402,F401  (the tests import it from here)
 
 
 @pytest.fixture(scope="session")
@@ -68,40 +73,87 @@ def no_dropout_model(tmp_path_factory, tiny_model_dir):
     return str(out)
 
 
-# 1,000 scenes with train.py's default --seed 42 and --test-size 0.1: 900 to train on, 100 to evaluate.
-# The tiny GIT first learns the captions' grammar and writes one caption for every image; it starts
-# to look at the image between steps 200 and 400 of 16 (measured: after 200 steps the best-by-WER
-# model wrote the same caption for all of 11 new scenes; after 500, 11 different ones, held-out WER
-# 0.37). --precision auto: bf16 on a CPU with bf16 units, where 500 steps cost what 200 did in fp32 (45 s);
-# fp32 on one without (AVX2 only: 141 s, where bf16 emulated took over 20 minutes), with the same course:
-# one caption for all at step 100, 13% distinct at 200, then 39-62%, WER 0.49 at step 500.
-TRAINED_RUN = ["--dataset", "synthetic", "--synthetic-size", "1000", "--model", "tiny", "--batch-size", "16",
-               "--grad-accum", "1", "--learning-rate", "5e-4", "--warmup-steps", "20", "--precision", "auto",
-               "--max-steps", "500", "--eval-steps", "100", "--save-steps", "250", "--logging-steps", "25",
-               "--num-examples", "2"]
+def shared_folder(tmp_path_factory):
+    """The session's temporary folder, the one all of `make test`'s worker processes share."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the folder of each worker's own
+
+
+def pytest_sessionstart(session):
+    """The first worker of several starts the trained run at once, in the background (trained_run.py)."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if not os.environ.get("PYTEST_XDIST_WORKER") or factory is None:
+        return  # one process: the first test that needs it trains it
+    claim = shared_folder(factory) / "trained-run.claimed"
+    try:
+        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return  # the other worker started it
+    global BACKGROUND
+    BACKGROUND = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "trained_run.py"),
+                                   str(shared_folder(factory) / "trained-run")],
+                                  stdout=subprocess.DEVNULL, stderr=open(str(claim), "w"))
+
+
+BACKGROUND = None
+
+
+def pytest_collection_modifyitems(items):
+    """Tests of the trained run last in their file (in their order): a worker starts on the others
+    while the run trains in the background, instead of waiting for it."""
+    items.sort(key=lambda item: (item.path, "trained_run" in getattr(item, "fixturenames", ())))
 
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """The output folder of a tiny GIT trained from scratch (tokenizer learned from the captions) for
-    500 steps: one training for the whole session, shared by the tests of training and captioning. What
-    it printed is in OUT.stdout. Under `make test`'s two processes (pytest-xdist) the first to ask
-    trains it and the other waits on the lock, then reads the same folder."""
-    import train  # here: a test that needs no training must not need train.py to import
-
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent  # the folder that holds each worker's own
-    out = str(shared / "trained-run")
-    with open(shared / "trained-run.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.exists(out + ".stdout"):  # written last: the run is complete
-            said = io.StringIO()
-            with contextlib.redirect_stdout(said):
-                train.main([*TRAINED_RUN, "--output-dir", out])
-            with open(out + ".stdout", "w") as f:
-                f.write(said.getvalue())
+    500 steps (trained_run.py): one training for the whole session, shared by the tests of training
+    and captioning. What it printed is in OUT.stdout."""
+    out = trained_run_script.trained(str(shared_folder(tmp_path_factory) / "trained-run"))
+    if BACKGROUND is not None and BACKGROUND.poll():  # it failed: say why (the fixture trained it instead)
+        print(open(str(shared_folder(tmp_path_factory) / "trained-run.claimed")).read(), file=sys.stderr)
     return out
+
+
+class Ran:
+    """What a command did, as subprocess.run reports it: returncode, stdout, stderr."""
+
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def in_process(command, *argv, cwd=None, env=None, merged=False):
+    """A command's main(argv) run in this process, as a user's shell would see it (exit status, the
+    two streams; merged: stderr written into stdout, to see the order of all lines). A new process
+    would spend about 5 s importing torch and transformers again. Tests of signals, of what a fresh
+    interpreter imports, or of work shared between processes start the command in its own process."""
+    import torch
+    from captioning import captioner
+
+    module = importlib.import_module(command)
+    out = io.StringIO()
+    err = out if merged else io.StringIO()
+    saved_env, saved_cwd, threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
+    captioner.load.cache_clear()  # a model folder a test rewrote is read again, as a new process would
+    os.environ.update(env or {})
+    if "OMP_NUM_THREADS" in (env or {}):  # read by torch once, at import: a new process would honour it
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    try:
+        if cwd:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = module.main(list(map(str, argv)))
+    except SystemExit as e:
+        status = e.code
+        if isinstance(status, str):  # sys.exit("message"): Python prints it and exits 1
+            err.write(status + "\n")
+            status = 1
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        torch.set_num_threads(threads)  # infer.py sets it for its own process
+    return Ran(status if isinstance(status, int) else 0, out.getvalue(), "" if merged else err.getvalue())
 
 
 class Lines:

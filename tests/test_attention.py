@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from captioning import attention, runtime, synthetic
 import train
 from captioning.attention import SdpaSelfAttention
-from conftest import ROOT
+from conftest import in_process
 from captioning.gitmodel import load_model
 
 
@@ -149,9 +149,8 @@ def test_infer_fp32_captions_are_identical_with_both_attentions(trained_run, tmp
         image.save(files[-1])
     lines = {}
     for name in attention.ATTENTIONS:
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), "--model", os.path.join(trained_run, "best"),
-                               "--precision", "fp32", "--attention", name, "--batch-size", "2", *files],
-                              capture_output=True, text=True)
+        proc = in_process("infer", "--model", os.path.join(trained_run, "best"), "--precision", "fp32",
+                          "--attention", name, "--batch-size", "2", *files)
         assert proc.returncode == 0, proc.stderr
         lines[name] = proc.stdout.splitlines()
     assert len(lines["sdpa"]) == 5 and lines["sdpa"] == lines["eager"]

@@ -336,8 +336,9 @@ def test_bad_names_and_flags_around_a_caption_file_are_one_line(coco, imagefolde
 # Command lines: data.py stats and preview, train.py
 
 def run(script, *args, cwd=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
-                          env=ENV, cwd=cwd, timeout=300)
+    from conftest import in_process  # here: run as a script (measure), this file must not set up a test session
+
+    return in_process(script.removesuffix(".py"), *args, cwd=cwd)
 
 
 def test_data_py_stats_and_preview_read_caption_files(karpathy, coco, tmp_path):

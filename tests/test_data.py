@@ -4,8 +4,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import datasets
 import numpy as np
@@ -15,7 +13,7 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from captioning import batches, decode, errors, image_cache, sources, synthetic
-from conftest import ROOT
+from conftest import in_process
 
 
 def rows(source, test_size=0.1, seed=0):
@@ -528,9 +526,7 @@ def test_an_imagefolder_without_a_caption_column_is_one_line(tmp_path):
 
 
 def train_cli(tmp_path, *args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
-                          cwd=str(tmp_path), timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    return in_process("train", *args, cwd=tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "csv"])

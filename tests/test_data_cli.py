@@ -1,4 +1,5 @@
-"""`python data.py preview` and `python data.py stats`, driven as a user would: in a subprocess, offline."""
+"""`python data.py preview` and `python data.py stats`, driven as a user would, offline: through
+data.py's main (its exit status, stdout and stderr), and once in a process of its own."""
 import json
 import os
 import subprocess
@@ -9,14 +10,13 @@ import pytest
 from PIL import Image
 
 from captioning import sources, strings, synthetic
+from conftest import in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(*args):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+    return in_process("data", *args)
 
 
 def captions_of(folder):

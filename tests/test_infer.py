@@ -24,16 +24,20 @@ from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
 import infer
 from captioning import captioner, decode, gitmodel, synthetic  # noqa: E402
-from conftest import ROOT, Child, descendants, wait_until_gone
+from conftest import ROOT, Child, descendants, in_process, wait_until_gone
 
 INFER = os.path.join(ROOT, "infer.py")
 
 
-def cli(*args, cwd=None, merged=False, env=None):
+def cli(*args, cwd=None, merged=False):
     """infer.py's exit status and output; merged: stderr into stdout, to see the order of all lines."""
-    return subprocess.run([sys.executable, INFER, *args], stdout=subprocess.PIPE, text=True, cwd=cwd,
-                          stderr=subprocess.STDOUT if merged else subprocess.PIPE,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=300)
+    return in_process("infer", *args, cwd=cwd, merged=merged)
+
+
+def cli_in_a_process(*args, env):
+    """infer.py in a new process: where the test sets what only a process has (its streams' encoding)."""
+    return subprocess.run([sys.executable, INFER, *args], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -271,14 +275,14 @@ def test_odd_file_names_round_trip_through_both_output_formats(pictures, tiny_mo
     for ext in ("csv", "jsonl"):
         out = tmp_path / f"odd.{ext}"
         flags = ["--model", tiny_model_dir, "--precision", "fp32", "--output", str(out), str(folder)]
-        proc = cli(*flags, env=strict)
+        proc = cli_in_a_process(*flags, env=strict)
         assert proc.returncode == 0, proc.stderr
         assert sorted(line.split("\t")[0] for line in proc.stdout.splitlines()) == shown  # one line each
         text = out.read_bytes().decode("utf-8")  # strict: every byte of the file is UTF-8
         rows = (list(csv.DictReader(io.StringIO(text, newline=""))) if ext == "csv" else
                 [json.loads(line) for line in text.splitlines()])
         assert sorted(row["image"] for row in rows) == shown
-        again = cli(*flags, "--resume", env=strict)  # the written names match the files they came from
+        again = cli(*flags, "--resume")  # the written names match the files they came from
         assert again.returncode == 0 and again.stdout == "", again.stderr
         assert again.stderr == f"resuming: 5 of 5 inputs already in {out}.partial\n"
         assert out.read_bytes().decode("utf-8") == text

@@ -1,9 +1,12 @@
+import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoProcessor, GitForCausalLM
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, GitForCausalLM
 
 from captioning import synthetic
 from captioning.hub import looks_like_path
@@ -57,14 +60,19 @@ def test_local_paths_are_told_from_hub_ids(name, local):
     assert looks_like_path(name) == local
 
 
-def test_the_same_seed_builds_the_same_tiny_git_in_every_process(tmp_path):
+def test_the_same_seed_builds_the_same_tiny_git_in_every_process(tmp_path, tiny_model_dir):
     # The WordPiece trainer breaks ties between merges differently in each process (the learned
-    # pieces differ); the ids of the words the captions use, and so the model, must not.
-    script = ("import sys, json\nfrom captioning import synthetic\nfrom captioning.gitmodel import build_tiny_git\nfrom transformers import AutoTokenizer\n"
+    # pieces differ, with Python's string hashing); the ids of the words the captions use, and so
+    # the model, must not. This session's tiny GIT against one built in a process of another hash seed.
+    script = ("import sys, json\nfrom captioning import synthetic\nfrom captioning.gitmodel import build_tiny_git\n"
+              "from transformers import AutoTokenizer\n"
               "caps = [synthetic.scene(0, i)[1] for i in range(300)]\n"
               "t = AutoTokenizer.from_pretrained(build_tiny_git(caps, sys.argv[1], seed=0))\n"
               "print(json.dumps(t(caps)['input_ids']))\n")
-    runs = [subprocess.run([sys.executable, "-c", script, str(tmp_path / f"m{k}")], capture_output=True, text=True,
-                           cwd=ROOT) for k in range(3)]
-    assert all(r.returncode == 0 for r in runs), runs[0].stderr
-    assert runs[0].stdout == runs[1].stdout == runs[2].stdout
+    other = subprocess.run([sys.executable, "-c", script, str(tmp_path / "m")], capture_output=True, text=True,
+                           cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": str(hash("seed") % 1000 + 1)})
+    assert other.returncode == 0, other.stderr
+    captions = [synthetic.scene(0, i)[1] for i in range(300)]  # as conftest's tiny_model_dir learned them
+    assert json.loads(other.stdout) == AutoTokenizer.from_pretrained(tiny_model_dir)(captions)["input_ids"]
+    theirs, ours = (load_file(os.path.join(folder, "model.safetensors")) for folder in (tmp_path / "m", tiny_model_dir))
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)

@@ -17,7 +17,7 @@ from captioning import checkpoint
 import infer
 import metrics
 import train
-from conftest import ROOT, TRAINED_RUN, Child
+from conftest import ROOT, TRAINED_RUN, Child, in_process
 
 # 89 scenes -> 80 train, 9 eval. Batch 8 with 2 micro-batches a step: 5 steps an epoch, so the
 # runs below cross an epoch boundary; logging every 2 steps and saving every 3 puts the logging
@@ -28,8 +28,9 @@ RUN = ["--dataset", "synthetic", "--synthetic-size", "89", "--batch-size", "8", 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-def train_cli(out, model, *extra, crash=None, torchrun=None):
-    """Run train.py in a new process: plainly, under tests/crash.py, or under torchrun."""
+def train_cli(out, model, *extra, crash=None, torchrun=None, env=None):
+    """Run train.py in a new process: under tests/crash.py, or under torchrun; in this one (the same
+    streams and status, without importing torch again) when neither is asked for."""
     args = [*RUN, "--model", model, "--output-dir", str(out), *extra]
     if crash:
         cmd = [sys.executable, os.path.join(ROOT, "tests", "crash.py"), *crash, "--", *args]
@@ -37,7 +38,7 @@ def train_cli(out, model, *extra, crash=None, torchrun=None):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(torchrun),
                os.path.join(ROOT, "train.py"), *args]
     else:
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args]
+        return in_process("train", *args, env={**ENV, **(env or {})})
     # torchrun ranks each get one thread, so two ranks share this 2-core machine without oversubscribing it.
     env = {**ENV, "OMP_NUM_THREADS": "1"} if torchrun else ENV
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -244,7 +245,7 @@ def test_remote_code_runs_only_with_trust_remote_code(tmp_path, tiny_model_dir, 
 def test_torchrun_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, no_dropout_model):
     ranks = train_cli(tmp_path / "ddp", no_dropout_model, "--batch-size", "4", torchrun=2)
     assert ranks.returncode == 0, ranks.stderr
-    one = train_cli(tmp_path / "one", no_dropout_model, "--batch-size", "8")
+    one = train_cli(tmp_path / "one", no_dropout_model, "--batch-size", "8", env={"OMP_NUM_THREADS": "1"})
     assert one.returncode == 0, one.stderr
     assert "2 processes, global batch 16" in ranks.stdout
     assert ranks.stdout.count("saved ") == one.stdout.count("saved ") == 3  # rank 0 alone logs and saves

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from captioning import batches, checkpoint
 import train
-from conftest import ROOT, Child, descendants, wait_until_gone, where
+from conftest import ROOT, Child, descendants, in_process, wait_until_gone, where
 
 # 60 scenes -> 54 train, 6 eval: batch 8 gives 7 micro-batches an epoch, so 12 steps cross one.
 RUN = ["--dataset", "synthetic", "--synthetic-size", "60", "--batch-size", "8", "--grad-accum", "1",
@@ -48,8 +48,7 @@ def digests(folder):
 def test_a_second_run_on_a_busy_output_folder_is_refused_and_touches_nothing(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     args = ["--max-steps", "8", "--eval-steps", "4", "--save-steps", "4"]
-    alone = subprocess.run(train_cmd(out, tiny_model_dir, *args), capture_output=True, text=True, env=ENV,
-                           timeout=600)
+    alone = in_process("train", *train_cmd(out, tiny_model_dir, *args)[2:], env=ENV)
     assert alone.returncode == 0, alone.stderr
     expected = digests(out)
     assert "checkpoint-8/model.safetensors" in expected and "best/model.safetensors" in expected
@@ -60,8 +59,7 @@ def test_a_second_run_on_a_busy_output_folder_is_refused_and_touches_nothing(tmp
     with Child(train_cmd(out, tiny_model_dir, *args, pause_at=6), env=ENV, stdin=subprocess.PIPE) as first:
         first.stdout.read(timeout=300, until=lambda line: line.strip() == "paused")
         for extra in ([], ["--overwrite-output-dir"], ["--resume"]):
-            second = subprocess.run(train_cmd(out, tiny_model_dir, *args, *extra), capture_output=True, text=True,
-                                    env=ENV, timeout=300)
+            second = in_process("train", *train_cmd(out, tiny_model_dir, *args, *extra)[2:], env=ENV)
             assert second.returncode == 2, second.stderr
             lines = second.stderr.strip().splitlines()
             assert len(lines) == 1 and str(out) in lines[0] and f"process {first.proc.pid}" in lines[0], lines
@@ -84,8 +82,7 @@ def run_never_stopped(tmp_path_factory, tiny_model_dir):
     of the test below use the same two paths, so that even training_args.json must come out the same."""
     root = tmp_path_factory.mktemp("fill-stop")
     out, cache = root / "run", root / "cache"
-    proc = subprocess.run(train_cmd(out, tiny_model_dir, *FILL_RUN), capture_output=True, text=True,
-                          env={**ENV, "GIT_CAPTION_CACHE": str(cache)}, timeout=600)
+    proc = in_process("train", *train_cmd(out, tiny_model_dir, *FILL_RUN)[2:], env={**ENV, "GIT_CAPTION_CACHE": str(cache)})
     assert proc.returncode == 0, proc.stderr
     return out, cache, digests(out)
 
@@ -121,8 +118,7 @@ def test_a_run_stopped_while_the_cache_fills_leaves_no_process_and_no_lock(run_n
         wait_until_gone(fillers)
     # At once, the same command on the same folder and cache: neither refused nor waiting, and it ends
     # as the run that was never stopped did.
-    again = subprocess.run(train_cmd(out, tiny_model_dir, *FILL_RUN), capture_output=True, text=True, env=env,
-                           timeout=600)
+    again = in_process("train", *train_cmd(out, tiny_model_dir, *FILL_RUN)[2:], env=env)
     assert again.returncode == 0, again.stderr
     assert "waiting for another process" not in again.stdout + again.stderr
     if stop == signal.SIGKILL:  # the killed fill's folder is named and removed
@@ -175,7 +171,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_earlier_ones_load(t
     free_for_second = weights / 2 if room == "weights" else weights + 1
     out = small_disk("disk", int(one + others + free_for_second + 1))
 
-    proc = subprocess.run(train_cmd(out, tiny_model_dir, *args), capture_output=True, text=True, env=ENV, timeout=600)
+    proc = in_process("train", *train_cmd(out, tiny_model_dir, *args)[2:], env=ENV)
     assert proc.returncode == 2, proc.stderr
     errors = proc.stderr.strip().splitlines()
     assert len(errors) == 1 and "checkpoint-4" in errors[0] and "No space left on device" in errors[0], errors

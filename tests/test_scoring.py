@@ -3,23 +3,17 @@ evaluation; the warning for a model that writes one caption for every image."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import train
-from conftest import ROOT, TRAINED_RUN
+from conftest import ROOT, TRAINED_RUN, in_process
 from captioning import flags, measures, sources
 
-METRICS = os.path.join(ROOT, "metrics.py")
-
-
 def score(*args):
-    """metrics.py in a child process, with this session's environment (its image cache, its threads)."""
-    return subprocess.run([sys.executable, METRICS, *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    return in_process("metrics", *args, cwd=ROOT)
 
 
 def scored(*args):

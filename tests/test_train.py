@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoProcessor
 
 from captioning import batches, captioner, decode, evaluation, flags, gitmodel, measures, sources, synthetic, upload
 import train
-from conftest import ROOT, TRAINED_RUN, Child
+from conftest import ROOT, TRAINED_RUN, Child, in_process
 
 
 def run_train(out, *extra, model="tiny", size=160):
@@ -82,8 +82,7 @@ def test_model_card_has_hub_metadata_and_a_usage_snippet_that_runs(trained_run, 
     synthetic.scene(5, 0)[0].save(tmp_path / "image.png")
     proc = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
-    expected = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), "--model", best, "--precision", "fp32",
-                               "image.png"], capture_output=True, text=True, cwd=str(tmp_path)).stdout
+    expected = in_process("infer", "--model", best, "--precision", "fp32", "image.png", cwd=tmp_path).stdout
     assert proc.stdout.strip() == expected.split("\t")[1].strip()
 
 
@@ -102,9 +101,8 @@ def test_best_model_loads_with_from_pretrained_and_infer_gives_its_captions(trai
 
     (tmp_path / "notes.png").write_text("this is text, not a PNG")
     missing = str(tmp_path / "missing.png")
-    args = [sys.executable, os.path.join(ROOT, "infer.py"), "--model", best, "--precision", "fp32", paths[0], missing,
-            str(tmp_path / "notes.png"), paths[1], paths[2]]
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=str(tmp_path))
+    proc = in_process("infer", "--model", best, "--precision", "fp32", paths[0], missing, str(tmp_path / "notes.png"),
+                      paths[1], paths[2], cwd=tmp_path)
     assert proc.returncode == 1
     assert proc.stdout.splitlines() == [f"{p}\t{c}" for p, c in zip(paths, expected)]
     errors = proc.stderr.strip().splitlines()
@@ -271,10 +269,6 @@ def test_two_accumulated_micro_batches_train_as_one_batch_twice_the_size(tmp_pat
 
 
 def test_bad_flags_and_missing_model_are_one_line_errors(tmp_path):
-    def cli(*args):
-        return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
-                              cwd=str(tmp_path), env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
     for args, needles in [(["--batch-size", "0"], ("argument --batch-size", "must be positive, not 0")),
                           (["--learning-rate", "-1"], ("argument --learning-rate", "must be positive, not -1")),
                           (["--test-size", "1.5"], ("argument --test-size", "must be between 0 and 1")),
@@ -286,7 +280,7 @@ def test_bad_flags_and_missing_model_are_one_line_errors(tmp_path):
                           (["--resume"], ("no complete checkpoint",))] + \
             ([] if torch.cuda.is_available() else [(["--device", "cuda", "--model", "tiny", "--dataset", "synthetic"],
                                                     ("--device cuda", "no CUDA GPU"))]):
-        proc = cli(*args)
+        proc = in_process("train", *args, cwd=tmp_path)
         assert proc.returncode == 2, (args, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and all(n in lines[0] for n in needles), (args, proc.stderr)
