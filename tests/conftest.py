@@ -1,6 +1,7 @@
 """Offline fixtures: a tiny GIT saved with save_pretrained (untrained, without dropout, and one
 trained once per session), synthetic datasets on disk; and a reader of a child process's output
 that gives up after a timeout."""
+import collections
 import contextlib
 import importlib
 import io
@@ -99,9 +100,17 @@ BACKGROUND = None
 
 
 def pytest_collection_modifyitems(items):
-    """Tests of the trained run last in their file (in their order): a worker starts on the others
-    while the run trains in the background, instead of waiting for it."""
-    items.sort(key=lambda item: (item.path, "trained_run" in getattr(item, "fixturenames", ())))
+    """The files in the order of the share of their tests that need the trained run (none first), and
+    those tests last in their file: under `make test` (which keeps this order: --no-loadscope-reorder)
+    the workers do the rest while the run trains in the background, instead of waiting for it."""
+    def needs_it(item):
+        return "trained_run" in getattr(item, "fixturenames", ())
+
+    tests = collections.defaultdict(list)
+    for item in items:
+        tests[item.path].append(needs_it(item))
+    share = {path: sum(needs) / len(needs) for path, needs in tests.items()}
+    items.sort(key=lambda item: (share[item.path], item.path, needs_it(item)))
 
 
 @pytest.fixture(scope="session")

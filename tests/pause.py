@@ -6,7 +6,9 @@ while a run is certainly in progress (start a second run on its folder, say) wit
     python tests/pause.py fill -- TRAIN ARGS  # each image cache worker process, at its first image:
                                               # print "filling PID", then wait until it is killed
 """
+import faulthandler
 import os
+import signal
 import sys
 import threading
 
@@ -21,7 +23,9 @@ def hold_fill_workers():
 
     def held_open(source, **options):
         if os.getpid() != parent:  # a forked worker of the fill (they inherit this function)
-            print(f"filling {os.getpid()}", flush=True)
+            # A raw write: sys.stdout's buffer lock is copied into a forked child as it was, held if another
+            # thread of the parent was writing at that instant.
+            os.write(1, f"filling {os.getpid()}\n".encode())
             threading.Event().wait()  # until killed: by the parent, or by the kernel when the parent is gone
         return open_image(source, **options)
 
@@ -43,6 +47,9 @@ def hold_training(n):
 
 
 def main():
+    # SIGUSR1 prints every thread's Python stack to stderr, here and in the workers forked from here
+    # (they inherit the handler): what a test that waited in vain reports.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     point, sep, *train_args = sys.argv[1:]
     assert sep == "--", sys.argv
     hold_fill_workers() if point == "fill" else hold_training(int(point))

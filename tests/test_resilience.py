@@ -332,7 +332,9 @@ def test_torchrun_a_rank_killed_leaves_one_line_naming_it_on_the_other(tmp_path,
 
 
 def test_fp16_resume_restores_the_grad_scaler(tmp_path, tiny_model_dir):
-    args = [*RUN, "--model", tiny_model_dir, "--precision", "fp16", "--eval-steps", "100"]
+    # Micro-batches of 2: a float16 backward pass on a CPU without float16 units costs some 15 times a float32 one.
+    args = [*RUN, "--model", tiny_model_dir, "--precision", "fp16", "--eval-steps", "100", "--batch-size", "2",
+            "--gen-max-length", "10"]
     train.main([*args, "--output-dir", str(tmp_path / "full")])
     os.makedirs(tmp_path / "resumed")
     shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")

@@ -1,5 +1,6 @@
 """One run per output folder, a full disk while a checkpoint is written, and a resume that knows
 what it resumes."""
+import contextlib
 import hashlib
 import json
 import os
@@ -98,10 +99,16 @@ def test_a_run_stopped_while_the_cache_fills_leaves_no_process_and_no_lock(run_n
                                                                                              *FILL_RUN)[2:]]
     with Child(cmd, env=env) as child:
         try:
-            held = [child.stdout.read(300, until=lambda line: line.startswith("filling "))[-1] for _ in range(2)]
+            held = [child.stdout.read(120, until=lambda line: line.startswith("filling "))[-1] for _ in range(2)]
         except AssertionError as e:  # what the processes were doing: a hang in the fill is the product's
-            raise AssertionError(f"{e}; processes: {where([child.proc.pid, *descendants(child.proc.pid)])}; "
-                                 f"stderr: {''.join(child.stderr.so_far()[-10:])}") from None
+            pids = [child.proc.pid, *descendants(child.proc.pid)]
+            waits = where(pids)
+            for pid in pids:  # pause.py's faulthandler: each process prints its Python stacks to stderr
+                os.kill(pid, signal.SIGUSR1)
+            stacks = []
+            with contextlib.suppress(AssertionError):  # all it printed in 30 s
+                child.stderr.read(30, until=lambda line: stacks.append(line))
+            raise AssertionError(f"{e}; processes: {waits}; their stacks and stderr:\n{''.join(stacks)}") from None
         fillers = sorted(int(line.split()[1]) for line in held)
         assert sorted(descendants(child.proc.pid)) == fillers  # both hold the run's and the cache's locks
         os.kill(child.proc.pid, stop)  # to train.py alone, as `timeout`, `docker stop` or a scheduler send it

@@ -187,8 +187,9 @@ def test_fp16_autocast_with_grad_scaler_on_cpu(tmp_path, tiny_model_dir, monkeyp
         return git, processor
 
     monkeypatch.setattr(gitmodel, "load_model", load_and_watch)
+    # Batches of 4: a float16 backward pass on a CPU without float16 units costs some 15 times a float32 one.
     run_train(tmp_path, "--max-steps", "4", "--save-steps", "4", "--eval-steps", "4", "--precision", "fp16",
-              model=tiny_model_dir)
+              "--batch-size", "4", model=tiny_model_dir)
     linears = sum(isinstance(m, torch.nn.Linear) for m in AutoModelForCausalLM.from_pretrained(tiny_model_dir).modules())
     assert len(outputs[True]) == linears and all(d == {torch.float16} for d in outputs[True].values()), outputs[True]
     assert outputs[False] and all(d == {torch.float16} for d in outputs[False].values()), outputs[False]
@@ -448,7 +449,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run_in_fp32(tmp_path, tiny_m
 def test_fp16_scaler_skips_a_non_finite_step_and_counts_it(tmp_path, tiny_model_dir, monkeypatch):
     poison(monkeypatch, {2})
     run_train(tmp_path, "--max-steps", "3", "--save-steps", "1", "--eval-steps", "3", "--precision", "fp16",
-              model=tiny_model_dir)
+              "--batch-size", "4", model=tiny_model_dir)
     states = {step: torch.load(tmp_path / f"checkpoint-{step}" / "training_state.pt", weights_only=True)
               for step in (1, 2, 3)}
     assert [states[step]["skipped_steps"] for step in (1, 2, 3)] == [0, 1, 1]
