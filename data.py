@@ -14,9 +14,7 @@ import sys
 from captioning import cli, hub
 from captioning.cli import fail
 from captioning.errors import DataError
-from captioning.presets import is_tiny
-
-SYNTHETIC = "synthetic"
+from captioning.presets import SYNTHETIC, is_tiny
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@
 split, generation settings and scores, defaults taken from the run that wrote the model. It also
 prints distinct_captions, the eval loss and the number of images.
 
-The scores themselves, and how each is computed, are described in captioning/scores.py.
+The scores themselves, and how each is computed, are described in captioning/measures.py.
 """
 import argparse
 import functools
@@ -21,14 +21,25 @@ from captioning.strings import normalize
 
 
 # ---------------------------------------------------------------------------------------------
-# Diversity: a model that writes one caption for every image
-
-
-# ---------------------------------------------------------------------------------------------
 # The command line
 
 class InputError(Exception):
     pass
+
+
+# train.py's flags that --model takes too, declared as train.py declares them (types, choices, help),
+# with ours where they differ: the generation flags named as infer.py names them, and
+# --no-exact-preprocessing to score a model without the exact preprocessing its run trained with.
+AS_IN_TRAINING = {
+    "dataset": {}, "image_column": {}, "text_column": {}, "image_root": {}, "cache_dir": {}, "test_size": {},
+    "seed": {}, "synthetic_size": {}, "precision": {}, "attention": {}, "device": {}, "num_workers": {},
+    "preprocessing_num_workers": {}, "no_cache": {}, "max_text_length": {}, "max_image_pixels": {},
+    "trust_remote_code": {},
+    "eval_batch_size": dict(names=("--eval-batch-size", "--batch-size"), metavar="N"),
+    "eval_num_beams": dict(names=("--num-beams",), metavar="N"),
+    "gen_max_length": dict(names=("--max-length",), metavar="N"),
+    "exact_preprocessing": dict(action=argparse.BooleanOptionalAction),
+}
 
 
 def parse_args(argv=None):
@@ -48,28 +59,14 @@ def parse_args(argv=None):
     m = functools.partial(group.add_argument, default=argparse.SUPPRESS)
     m("--model", help="a save_pretrained folder (OUT/best, OUT/checkpoint-N), a train.py output folder "
                       "(its best/), or a Hub id")
-    m("--dataset", help="as train.py's --dataset")
     m("--split", help="eval (default: the held-out split train.py evaluates on), train (the split it trains "
                       "on), or a split of the source by name (test, validation...)")
     m("--output", help="also write predictions.jsonl: one {image, caption, references} per image")
-    m("--num-beams", dest="eval_num_beams", metavar="N", type=cli.positive_int, help="beams for generate (1: greedy)")
-    m("--max-length", dest="gen_max_length", metavar="N", type=cli.positive_int, help="max_length for generate")
-    for flag in ("--image-column", "--text-column", "--image-root", "--cache-dir"):
-        m(flag)
-    m("--test-size", type=cli.fraction)
-    m("--seed", type=int)
-    m("--synthetic-size", type=cli.positive_int)
-    m("--eval-batch-size", "--batch-size", dest="eval_batch_size", metavar="N", type=cli.positive_int)
-    m("--precision", choices=cli.PRECISIONS)
-    m("--attention", choices=cli.ATTENTIONS, help=cli.ATTENTION_HELP)
-    m("--device", choices=cli.DEVICES)
-    m("--num-workers", type=cli.non_negative_int)
-    m("--preprocessing-num-workers", type=cli.positive_int)
-    m("--no-cache", action="store_true")
-    m("--exact-preprocessing", action=argparse.BooleanOptionalAction)
-    m("--max-text-length", type=cli.positive_int)
-    m("--max-image-pixels", type=cli.non_negative_int, help=cli.MAX_IMAGE_PIXELS_HELP)
-    m("--trust-remote-code", action="store_true")
+    train_flags = flags.declarations()
+    for dest, ours in AS_IN_TRAINING.items():
+        names, kwargs = train_flags[dest]
+        m(*ours.get("names", names), **{**kwargs, "dest": dest, "default": argparse.SUPPRESS,
+                                        **{k: v for k, v in ours.items() if k != "names"}})
     args = p.parse_args(argv)
     model_flags = sorted(set(vars(args)) - {"predictions", "references", "json"})
     if hasattr(args, "model"):

@@ -22,7 +22,7 @@ import time
 
 from captioning import flags, hub
 from captioning.cli import fail, say
-from captioning.presets import is_tiny
+from captioning.presets import SYNTHETIC, is_tiny
 from captioning.progress import Meter, RaiseOnSignal, StopOnSignal, Stopped
 
 
@@ -288,7 +288,7 @@ def main(argv=None):
         if upload.push_problem():
             fail(f"--push-to-hub: {upload.push_problem()}")  # before hours of training, not after
     else:
-        hub.offline_unless_needed(*[n for n in (args.dataset, args.model) if n != "synthetic" and not is_tiny(n)])
+        hub.offline_unless_needed(*[n for n in (args.dataset, args.model) if n != SYNTHETIC and not is_tiny(n)])
     # Heavy imports (torch, transformers, datasets) after the flags are checked: --help answers at once.
     from captioning import distributed
     from captioning.runtime import compile_seconds

@@ -4,6 +4,7 @@ import os
 
 from captioning import flags
 from captioning.hub import looks_like_path
+from captioning.presets import SYNTHETIC
 
 
 def generate_options(args):
@@ -14,7 +15,7 @@ def generate_options(args):
 def model_card(where, args, step, scores, data_sizes, repo_id=None):
     """README.md text for the model saved at `where` (loaded by that path, or by repo_id once pushed)."""
     name = repo_id or os.path.abspath(where)
-    hub_dataset = args.dataset if args.dataset != "synthetic" and not looks_like_path(args.dataset) else None
+    hub_dataset = args.dataset if args.dataset != SYNTHETIC and not looks_like_path(args.dataset) else None
     hub_model = args.model if args.model != "tiny" and not looks_like_path(args.model) else None
     header = ["---", "library_name: transformers", "pipeline_tag: image-to-text",
               "tags:", "- image-captioning", "- git"]

@@ -15,7 +15,28 @@ LOWER_IS_BETTER = ("wer", "cer", "eval_loss")
 def parse_args(argv=None, description=None, **defaults):
     """train.py's arguments; its defaults, with argv=[]."""
     p = cli.Parser(description=description)
-    a = p.add_argument
+    declare(p.add_argument)
+    p.set_defaults(**defaults)
+    args = p.parse_args(argv)
+    if args.hub_model_id is None:
+        args.hub_model_id = os.path.basename(os.path.abspath(args.output_dir))
+    return args
+
+
+def declarations():
+    """{dest: (option strings, add_argument's keywords)} of train.py's flags, as declare() declares
+    them: metrics.py --model takes some of them, with their types, choices and help."""
+    found = {}
+
+    def record(*names, **kwargs):
+        found[kwargs.get("dest") or names[0][2:].replace("-", "_")] = (names, kwargs)
+
+    declare(record)
+    return found
+
+
+def declare(a):
+    """train.py's flags, each declared through a(...), argparse's add_argument or a recorder."""
     a("--dataset", default="reach-vb/pokemon-blip-captions",
       help="Hub dataset id, imagefolder folder, save_to_disk folder, COCO or Karpathy caption file (.json), "
            "or 'synthetic'")
@@ -87,11 +108,6 @@ def parse_args(argv=None, description=None, **defaults):
       help="allow a model that ships its own Python code (auto_map in its config) to run it")
     a("--resume", "--resume-from-checkpoint", dest="resume", nargs="?", const="latest", default=None,
       help="continue from the newest checkpoint in --output-dir (or from the folder given)")
-    p.set_defaults(**defaults)
-    args = p.parse_args(argv)
-    if args.hub_model_id is None:
-        args.hub_model_id = os.path.basename(os.path.abspath(args.output_dir))
-    return args
 
 
 # Flags that decide which samples a step sees, or what a step computes. Resuming with another

@@ -1,4 +1,7 @@
-"""The models train.py can build from scratch, offline, by name (--model tiny, --model base-scratch)."""
+"""Built-in names that need no download: the models train.py can build from scratch (--model tiny,
+--model base-scratch) and the drawn scenes (--dataset synthetic)."""
+
+SYNTHETIC = "synthetic"  # --dataset synthetic: captioned scenes drawn by synthetic.py
 
 # GIT tiny presets: a ViT over 64 px images in 8 px patches (65 image tokens) and a small decoder.
 # Sized so the synthetic demo learns to caption in a few CPU minutes.

@@ -20,6 +20,7 @@ from captioning.errors import DataError, ModelLoadError
 from captioning.gitmodel import load_model, resolve_model
 from captioning.hub import looks_like_path, offline_unless_needed
 from captioning.measures import collapse_warning, evaluation_scores
+from captioning.presets import SYNTHETIC
 
 
 def note(message):
@@ -32,7 +33,7 @@ def score_model(given):
     folder = model_folder(given.model)
     settings, inherited = scoring_settings(given, folder, *run_args(folder))
     split = getattr(given, "split", "eval")
-    offline_unless_needed(*[n for n in (folder, settings.dataset) if n != "synthetic"])  # before datasets loads
+    offline_unless_needed(*[n for n in (folder, settings.dataset) if n != SYNTHETIC])  # before datasets loads
     training.quiet_libraries()
     device, amp_dtype = device_and_precision(settings)
     table = split_table(settings, split)

@@ -21,11 +21,11 @@ from captioning import captionfiles, decode, metadata, synthetic
 from captioning.decode import MAX_IMAGE_PIXELS
 from captioning.errors import DataError
 from captioning.hub import looks_like_path
+from captioning.presets import SYNTHETIC
 from captioning.strings import normalize
 
 
 
-SYNTHETIC = "synthetic"
 
 
 EVAL_SPLIT_NAMES = ("validation", "valid", "val", "test")
