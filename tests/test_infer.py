@@ -246,19 +246,20 @@ def peak_rss_mb(cmd):
 
 def test_an_image_over_max_image_pixels_is_refused_before_it_is_decoded(pictures, tiny_model_dir, tmp_path):
     root, _ = pictures
-    huge = tmp_path / "huge.png"
-    Image.new("L", (8000, 6000), 128).save(huge)  # 48 Mpx in a file of a few hundred KB
+    huge, large = tmp_path / "huge.png", tmp_path / "large.png"
+    Image.new("L", (12000, 12000), 128).save(huge)  # 144 Mpx in a file of a few hundred KB
+    Image.new("L", (8000, 6000), 128).save(large)  # 48 Mpx, a third of it
     assert huge.stat().st_size < 1 << 20
-    cmd = [sys.executable, INFER, "--model", tiny_model_dir, "--precision", "fp32", "--num-workers", "0",
-           str(huge), str(root / "a.png")]
-    status, err, refused_mb = peak_rss_mb(cmd)
+    cmd = [sys.executable, INFER, "--model", tiny_model_dir, "--precision", "fp32", "--num-workers", "0"]
+    status, err, refused_mb = peak_rss_mb(cmd + [str(huge), str(root / "a.png")])
     assert status == 1, err
-    assert err.splitlines() == [f"error: {huge}: refused, too many pixels: 8000 x 6000 is 48.0 Mpx, over "
+    assert err.splitlines() == [f"error: {huge}: refused, too many pixels: 12000 x 12000 is 144.0 Mpx, over "
                                 f"--max-image-pixels 40,000,000"]  # PIL's DecompressionBombWarning is not printed
-    status, err, decoded_mb = peak_rss_mb(cmd + ["--max-image-pixels", "0"])
+    # The control decodes the smaller one (all 144 Mpx took seconds more to decode): it held 48 Mpx of
+    # RGB (144 MB) and the copies resizing makes (measured: 620 MB more than the refused run); the refused
+    # 144 Mpx would have held three times that, and held none of it.
+    status, err, decoded_mb = peak_rss_mb(cmd + [str(large), str(root / "a.png"), "--max-image-pixels", "0"])
     assert status == 0, err
-    # Decoded, the process held 48 Mpx of RGB (144 MB) and the copies resizing makes (measured: 620 MB
-    # more than refused); refused, none of it.
     assert refused_mb + 300 < decoded_mb, (refused_mb, decoded_mb)
 
 
