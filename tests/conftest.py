@@ -80,6 +80,9 @@ def shared_folder(tmp_path_factory):
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the folder of each worker's own
 
 
+BACKGROUND = None  # the trained run's process, in the worker that started it
+
+
 def pytest_sessionstart(session):
     """The first worker of several starts the trained run at once, in the background (trained_run.py)."""
     factory = getattr(session.config, "_tmp_path_factory", None)
@@ -94,9 +97,6 @@ def pytest_sessionstart(session):
     BACKGROUND = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "trained_run.py"),
                                    str(shared_folder(factory) / "trained-run")],
                                   stdout=subprocess.DEVNULL, stderr=open(str(claim), "w"))
-
-
-BACKGROUND = None
 
 
 def pytest_collection_modifyitems(items):
@@ -122,13 +122,6 @@ def trained_run(tmp_path_factory):
     if BACKGROUND is not None and BACKGROUND.poll():  # it failed: say why (the fixture trained it instead)
         print(open(str(shared_folder(tmp_path_factory) / "trained-run.claimed")).read(), file=sys.stderr)
     return out
-
-
-class Ran:
-    """What a command did, as subprocess.run reports it: returncode, stdout, stderr."""
-
-    def __init__(self, returncode, stdout, stderr):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
 
 
 def in_process(command, *argv, cwd=None, env=None, merged=False):
@@ -162,7 +155,8 @@ def in_process(command, *argv, cwd=None, env=None, merged=False):
         os.environ.clear()
         os.environ.update(saved_env)
         torch.set_num_threads(threads)  # infer.py sets it for its own process
-    return Ran(status if isinstance(status, int) else 0, out.getvalue(), "" if merged else err.getvalue())
+    return subprocess.CompletedProcess([command, *argv], status if isinstance(status, int) else 0, out.getvalue(),
+                                       "" if merged else err.getvalue())
 
 
 class Lines:
