@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from conftest import in_process
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -50,3 +52,32 @@ def test_quick_options_bench_trains_the_same_caption_rows_per_step(tmp_path):
         # train.py's own figure, from its final speed line: images/s, five times fewer with `all`
         assert result["train_py_images_per_second"] > 0, name
     assert "all (4 images x 5)" in run.stdout
+
+
+def test_trainer_dynamic_is_the_recipe_with_each_batch_padded_to_its_longest_caption(tmp_path, tiny_model_dir,
+                                                                                     monkeypatch):
+    """The third program of make bench, which the quick bench above leaves out (a program start costs
+    ~13 s): trainer_recipe.py with --padding longest trains its steps on batches padded per batch."""
+    import transformers
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import bench
+
+    widths, steps = [], []
+    forward = transformers.GitForCausalLM.forward
+    monkeypatch.setattr(transformers.GitForCausalLM, "forward",
+                        lambda self, *a, **k: widths.append(k["input_ids"].shape[1]) or forward(self, *a, **k))
+    hook = register_optimizer_step_post_hook(lambda *a: steps.append(1))
+    try:
+        # bench.py's flags for the program, on the tiny model and a few synthetic scenes
+        run = in_process("trainer_recipe", "--dataset", "synthetic", "--synthetic-size", "24", "--model", tiny_model_dir,
+                         "--output-dir", tmp_path / "out", "--batch-size", "4", "--max-steps", "4", "--precision", "fp32",
+                         "--eval-steps", "5", "--save-steps", "5", "--logging-steps", "4",
+                         *bench.PROGRAMS["trainer-dynamic"][1], env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    finally:
+        hook.remove()
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(steps) == 4 and "train_samples_per_second" in run.stdout
+    model_max_length = transformers.AutoTokenizer.from_pretrained(tiny_model_dir).model_max_length
+    assert widths and max(widths) < model_max_length and len(set(widths)) > 1, (widths, model_max_length)

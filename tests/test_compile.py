@@ -104,10 +104,8 @@ def test_compiled_run_makes_a_graph_per_bucket_at_most_and_reports_its_compile_t
 
 
 def test_without_the_buckets_the_same_check_fails(tiny_model_dir, tmp_path, monkeypatch):
-    """The negative control of the test above (with dynamo's eager backend: the graphs it makes are
-    the same, without inductor's minutes of code generation)."""
+    """The negative control of the test above (with dynamo's eager backend: dynamo makes the same
+    graphs, without inductor's minutes of code generation)."""
     shapes = bucket_shapes(tiny_model_dir)
-    _, bucketed = graphs_compiled(tiny_model_dir, tmp_path / "bucketed", monkeypatch, backend="eager")
-    monkeypatch.undo()
     _, plain = graphs_compiled(tiny_model_dir, tmp_path / "plain", monkeypatch, backend="eager", bucketed=False)
-    assert bucketed <= len(shapes) < plain, (bucketed, plain, shapes)
+    assert len(shapes) < plain, (plain, shapes)
