@@ -47,3 +47,9 @@ $(VENV)/.installed-bench: requirements.txt requirements-bench.txt
 .PHONY: bench-gpu
 bench-gpu: venv
 	$(PY) bench/gpu.py --device cuda --json bench/gpu.json
+
+# The first CUDA GPU we get: sdpa against eager, the whole program (fp16, kill -9 and resume), the
+# speed tables; one table, every number in bench/check-gpu.json. About 8 minutes on one modern GPU.
+.PHONY: check-gpu
+check-gpu: venv
+	$(PY) bench/check_gpu.py --device cuda --json bench/check-gpu.json

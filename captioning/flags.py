@@ -130,7 +130,7 @@ CARD_FLAGS = ("dataset", "model", "epochs", "max_steps", "learning_rate", "lr_sc
 # that wrote the model, so that OUT/best scores what the run reported for it.
 FROM_THE_RUN = ("dataset", "image_column", "text_column", "image_root", "eval_split", "test_size", "seed",
                 "synthetic_size", "precision", "eval_batch_size", "gen_max_length", "eval_num_beams",
-                "max_text_length", "exact_preprocessing", "max_image_pixels")
+                "max_text_length", "exact_preprocessing", "max_image_pixels", "attention")
 
 
 FLAG_NAMES = {"gen_max_length": "--max-length", "eval_num_beams": "--num-beams"}  # ours, where they differ

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from captioning import attention, runtime, synthetic
 import train
 from captioning.attention import SdpaSelfAttention
-from conftest import in_process
+from conftest import ROOT, in_process
 from captioning.gitmodel import load_model
 
 
@@ -85,6 +85,71 @@ def test_outputs_and_gradients_equal_eager_on_a_padded_batch(no_dropout_model):
     assert grads_e.keys() == grads_s.keys() and len(grads_e) == len(list(eager.parameters()))
     for k in grads_e:
         torch.testing.assert_close(grads_s[k], grads_e[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_without_images_sdpa_equals_eager_and_stays_causal(no_dropout_model):
+    """GIT runs on text alone (pixel_values=None): no query is an image token then, and each caption
+    token sees only those before it, so a prefix's logits do not change when tokens are appended."""
+    eager, fused, processor = both(no_dropout_model)
+    _, text = padded_batch(processor)
+    with torch.no_grad():
+        logits = [m(input_ids=text["input_ids"], attention_mask=text["attention_mask"]).logits for m in (eager, fused)]
+        unpadded = text["input_ids"][:1, :6]
+        prefix = fused(input_ids=unpadded[:, :3]).logits
+        longer = fused(input_ids=unpadded).logits
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(longer[:, :3], prefix, atol=1e-5, rtol=0)
+    with torch.inference_mode():  # generate from a text prompt alone, with the cache
+        ids = [m.generate(input_ids=unpadded[:, :2], max_length=10, do_sample=False) for m in (eager, fused)]
+    assert torch.equal(ids[1], ids[0])
+
+
+def test_output_attentions_gives_eager_attention_maps(no_dropout_model):
+    eager, fused, processor = both(no_dropout_model)
+    pixels, text = padded_batch(processor)
+    with torch.no_grad():
+        outs = [m(pixel_values=pixels, **text, output_attentions=True) for m in (eager, fused)]
+    maps_e, maps_s = outs[0].attentions, outs[1].attentions
+    assert len(maps_s) == len(maps_e) == len(fused.git.encoder.layer)
+    for a, b in zip(maps_e, maps_s):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+    torch.testing.assert_close(outs[1].logits, outs[0].logits, atol=1e-5, rtol=0)
+
+
+def test_fused_calls_never_use_cudnn_and_the_caption_call_prefers_the_masked_kernel(no_dropout_model, monkeypatch):
+    """The kernels torch may pick at each call (attention.py says why): the choice is read from torch
+    inside each call, on this CPU, where the same flags decide CUDA's choice."""
+    _, fused, processor = both(no_dropout_model)
+    pixels, text = padded_batch(processor)
+    seen, real = [], torch.nn.functional.scaled_dot_product_attention
+
+    def recorded(query, key, value, attn_mask=None, **kwargs):
+        seen.append((attn_mask is not None, torch.backends.cuda.cudnn_sdp_enabled(),
+                     torch._C._get_sdp_priority_order()[0]))
+        return real(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded)
+    with torch.no_grad():
+        fused(pixel_values=pixels, **text)
+    decoder = seen[-2 * len(fused.git.encoder.layer):]  # after the vision tower's calls: two a decoder layer
+    image_calls, caption_calls = decoder[0::2], decoder[1::2]
+    assert not any(cudnn for _, cudnn, _ in decoder)
+    assert all(not masked and first == attention.IMAGE_KERNELS[0].value for masked, _, first in image_calls)
+    assert all(masked and first == attention.CAPTION_KERNELS[0].value for masked, _, first in caption_calls)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # torch's own setting is back after each call
+
+
+def test_fp16_autocast_sdpa_is_as_close_to_fp32_as_eager_is(no_dropout_model):
+    """fp16 autocast (CUDA's default precision) on this CPU: both attentions round, differently;
+    sdpa's error against fp32 eager is at most twice eager's own, in loss, logits and every gradient."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import check_gpu
+
+    result = check_gpu.check_attention_numbers(no_dropout_model, torch.device("cpu"), "fp16", images=3)
+    assert result["status"] == "passed", result
+    assert result["sdpa_vs_fp32"]["grads_compared"] == len(list(AutoModelForCausalLM.from_pretrained(
+        no_dropout_model).parameters()))
+    assert 0 < result["eager_vs_fp32"]["logits"]  # fp16 did round: the comparison is not of equal numbers
 
 
 def test_bf16_autocast_stays_close_to_eager(no_dropout_model):

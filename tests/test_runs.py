@@ -88,6 +88,24 @@ def run_never_stopped(tmp_path_factory, tiny_model_dir):
     return out, cache, digests(out)
 
 
+@contextlib.contextmanager
+def stacks_if_it_hangs(child):
+    """A wait on a pause.py child that times out fails with what its processes were doing: their
+    kernel wait channels and Python stacks (pause.py's faulthandler prints them on SIGUSR1)."""
+    try:
+        yield
+    except (AssertionError, subprocess.TimeoutExpired) as e:
+        pids = [child.proc.pid, *descendants(child.proc.pid)]
+        waits = where(pids)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+        stacks = []
+        with contextlib.suppress(AssertionError):  # all they printed in 30 s
+            child.stderr.read(30, until=lambda line: stacks.append(line))
+        raise AssertionError(f"{e}; processes: {waits}; their stacks and stderr:\n{''.join(stacks)}") from None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_a_run_stopped_while_the_cache_fills_leaves_no_process_and_no_lock(run_never_stopped, tiny_model_dir, stop):
@@ -98,21 +116,13 @@ def test_a_run_stopped_while_the_cache_fills_leaves_no_process_and_no_lock(run_n
     cmd = [sys.executable, os.path.join(ROOT, "tests", "pause.py"), "fill", "--", *train_cmd(out, tiny_model_dir,
                                                                                              *FILL_RUN)[2:]]
     with Child(cmd, env=env) as child:
-        try:
+        with stacks_if_it_hangs(child):
             held = [child.stdout.read(120, until=lambda line: line.startswith("filling "))[-1] for _ in range(2)]
-        except AssertionError as e:  # what the processes were doing: a hang in the fill is the product's
-            pids = [child.proc.pid, *descendants(child.proc.pid)]
-            waits = where(pids)
-            for pid in pids:  # pause.py's faulthandler: each process prints its Python stacks to stderr
-                os.kill(pid, signal.SIGUSR1)
-            stacks = []
-            with contextlib.suppress(AssertionError):  # all it printed in 30 s
-                child.stderr.read(30, until=lambda line: stacks.append(line))
-            raise AssertionError(f"{e}; processes: {waits}; their stacks and stderr:\n{''.join(stacks)}") from None
         fillers = sorted(int(line.split()[1]) for line in held)
         assert sorted(descendants(child.proc.pid)) == fillers  # both hold the run's and the cache's locks
         os.kill(child.proc.pid, stop)  # to train.py alone, as `timeout`, `docker stop` or a scheduler send it
-        status = child.proc.wait(60)
+        with stacks_if_it_hangs(child):
+            status = child.proc.wait(60)
         if stop == signal.SIGTERM:
             assert status == 0
             said = child.stdout.read(30)

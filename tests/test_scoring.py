@@ -59,6 +59,24 @@ def test_best_scores_what_the_run_reported_for_it(trained_run, greedy):
     assert "collapsed" not in err  # a model that looks at its images
 
 
+def test_the_run_s_attention_is_the_one_scored_with(trained_run, tmp_path, monkeypatch):
+    """A run trained with --attention eager on a GPU (where auto is sdpa) is scored with eager there:
+    the attention comes from the run, as the other flags that decide the numbers do."""
+    from captioning import scoring
+
+    folder = tmp_path / "best"
+    shutil.copytree(os.path.join(trained_run, "best"), folder)
+    saved = json.loads((folder / "training_args.json").read_text())
+    (folder / "training_args.json").write_text(json.dumps({**saved, "attention": "sdpa"}))
+    asked, load_model = [], scoring.load_model
+    monkeypatch.setattr(scoring, "load_model", lambda *a, **k: asked.append(k["attention"]) or load_model(*a, **k))
+    _, err = scored("--model", folder, "--max-length", "5")
+    assert asked == ["sdpa"]
+    assert "--attention sdpa" in next(line for line in err.splitlines() if line.startswith("from the run's"))
+    _, err = scored("--model", folder, "--max-length", "5", "--attention", "eager")  # a flag given wins
+    assert asked == ["sdpa", "eager"] and "--attention" not in err
+
+
 def test_output_holds_each_prediction_with_its_references(trained_run, greedy):
     scores, predictions, _ = greedy
     args = flags.parse_args([*TRAINED_RUN, "--output-dir", trained_run])
