@@ -15,7 +15,7 @@ the next check still runs. A table at the end, every number in one JSON file (--
      (plus a floor) in the loss, the logits and each parameter's gradient;
    - generate: greedy and 3-beam captions of sdpa identical to eager's in fp32; under fp16 autocast
      the share of captions equal to the fp32 ones, for each attention (sdpa passes when its share is
-     no more than 10 points under eager's);
+     no more than 10 points under eager's), and the share where fp16 sdpa and fp16 eager agree;
    - torch.compile of the sdpa model (inductor; --quick: aot_eager, seconds instead of a minute of
      code generation on a CPU) gives the loss of the uncompiled one.
 2. the program: train.py on the tiny model and synthetic scenes with fp16 autocast and a GradScaler
@@ -23,8 +23,9 @@ the next check still runs. A table at the end, every number in one JSON file (--
    checkpoint and resumed; the final weights compared (bit-exact or not, and the largest
    difference); then infer.py and metrics.py --model on what it wrote.
 3. speed: bench/gpu.py's table (eager / sdpa / sdpa+compile x fp16 / bf16 at git-base size, batch
-   32; generate at batch 64) and infer.py's images/s over 2,000 photo-sized JPEGs with its reading
-   workers (start-up excluded: from its first printed batch to its last).
+   32; generate at batch 64) and infer.py's images/s over 2,000 photo-like 1280 x 960 JPEGs
+   (bench/photos.py) with its reading workers (start-up excluded: from its first printed batch to
+   its last).
 """
 import argparse
 import contextlib
@@ -199,7 +200,9 @@ def check_generate(folder, device, count, max_length):
         same = captions["sdpa", beams, "fp32"] == captions["eager", beams, "fp32"]
         shares = {name: sum(a == b for a, b in zip(captions[name, beams, "fp16"], captions[name, beams, "fp32"]))
                   / len(captions[name, beams, "fp32"]) for name in ("eager", "sdpa")}
+        alike = sum(a == b for a, b in zip(captions["sdpa", beams, "fp16"], captions["eager", beams, "fp16"]))
         result[kind] = {"fp32_identical": same, "fp16_share_equal_to_fp32": shares,
+                        "fp16_share_sdpa_equal_to_eager": alike / len(captions["eager", beams, "fp16"]),
                         "distinct_fp32_captions": len(set(captions["eager", beams, "fp32"]))}
         if not same:
             failed.append(f"{kind} fp32")
@@ -386,22 +389,14 @@ def program(device, work_dir, size):
 # 3. Speed
 
 def photo_folder(work_dir, count, width, height):
-    """`count` synthetic scenes as photo-sized JPEGs (quality 90), written once and reused."""
-    from PIL import Image
-
-    from captioning import synthetic
+    """`count` photo-like JPEGs (bench/photos.py: ~250 KB at 1280 x 960, a phone photo's decoding
+    cost), written once in parallel and reused."""
+    import photos
 
     folder = os.path.join(work_dir, f"photos-{count}x{width}x{height}")
-    if os.path.isdir(folder):
-        return folder
-    print(f"writing {count} {width}x{height} JPEGs to {folder}", flush=True)
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for i in range(count):
-        synthetic.scene(14, i)[0].resize((width, height), Image.BICUBIC).save(os.path.join(tmp, f"{i:05d}.jpg"),
-                                                                             quality=90)
-    os.replace(tmp, folder)  # complete, or not there
+    if not os.path.isfile(os.path.join(folder, "metadata.jsonl")):  # written last: the folder is complete
+        shutil.rmtree(folder, ignore_errors=True)
+        photos.main(["--out", folder, "--n", str(count), "--size", f"{width}x{height}"])
     return folder
 
 
@@ -422,7 +417,7 @@ def infer_speed(model_dir, folder, device, max_length, batch_size, log_path):
     wall = time.perf_counter() - t0
     first_batch = min(batch_size, len(stamps))  # a batch's captions print at once
     steady = stamps[-1] - stamps[first_batch - 1] if len(stamps) > first_batch else None
-    ok = status == 0 and len(stamps) == len(os.listdir(folder))
+    ok = status == 0 and len(stamps) == sum(name.endswith(".jpg") for name in os.listdir(folder))
     return {"status": "passed" if ok else "failed", "failed": [] if ok else ["infer.py"], "exit_status": status,
             "images": len(stamps), "wall_seconds": wall, "first_output_seconds": stamps[0] - t0 if stamps else None,
             "images_per_second": (len(stamps) - first_batch) / steady if steady else None}
@@ -483,7 +478,8 @@ def summary(name, r):
         return (f"fp32 identical: greedy {g['fp32_identical']}, 3 beams {b['fp32_identical']}; fp16 share equal to "
                 f"fp32, sdpa / eager: greedy {g['fp16_share_equal_to_fp32']['sdpa']:.2f} / "
                 f"{g['fp16_share_equal_to_fp32']['eager']:.2f}, 3 beams {b['fp16_share_equal_to_fp32']['sdpa']:.2f} / "
-                f"{b['fp16_share_equal_to_fp32']['eager']:.2f}")
+                f"{b['fp16_share_equal_to_fp32']['eager']:.2f}; fp16 sdpa = fp16 eager: greedy "
+                f"{g['fp16_share_sdpa_equal_to_eager']:.2f}, 3 beams {b['fp16_share_sdpa_equal_to_eager']:.2f}")
     if "compiled_loss" in r:
         return f"{r['backend']}: loss {r['loss']:.6f}, compiled {r['compiled_loss']:.6f}"
     if "bit_exact" in r:

@@ -176,6 +176,11 @@ def test_greedy_and_beam_generate_are_identical_batched_and_one_at_a_time(traine
             assert runs["sdpa"] == runs["eager"], options
             assert runs["sdpa"][0] == runs["sdpa"][1], options
             assert len(set(runs["sdpa"][0])) >= 3, runs  # a trained model: the captions differ
+        # fp16 autocast, CUDA's default precision, here on the CPU: the same greedy captions
+        with torch.autocast("cpu", dtype=torch.float16):
+            fp16 = [processor.batch_decode(m.generate(pixel_values=pixels, max_length=30), skip_special_tokens=True)
+                    for m in (eager, fused)]
+        assert fp16[1] == fp16[0] and len(set(fp16[0])) >= 3, fp16
 
 
 def test_checkpoint_trained_with_sdpa_loads_in_plain_transformers_with_the_same_captions(no_dropout_model, tmp_path):

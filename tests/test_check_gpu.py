@@ -58,6 +58,7 @@ def test_the_numbers_behind_the_checks(quick):
         r = c[f"sdpa vs eager, {precision}"]
         assert 0 < r["eager_vs_fp32"]["logits"] and 0 < r["sdpa_vs_fp32"]["logits"] <= r["bound"]["logits"]
     assert c["generate"]["greedy"]["fp32_identical"] and c["generate"]["beam3"]["fp32_identical"]
+    assert 0 <= c["generate"]["greedy"]["fp16_share_sdpa_equal_to_eager"] <= 1
     assert c["compile"]["backend"] == "aot_eager" and c["compile"]["difference"] <= 1e-5
     # on the CPU the resumed run is bit-exact; the kill came after the first checkpoint and before the end
     assert p["kill -9, resume"]["bit_exact"] and p["kill -9, resume"]["killed_after"] == "checkpoint-2"
