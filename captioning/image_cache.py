@@ -160,6 +160,7 @@ def fill(table, job, chunk, num_workers):
     # fork, not spawn or forkserver: a new interpreter took 2.9 s here to import what unpickling an image processor
     # needs, while two workers fill 2,000 drafted 1280 x 960 photos in 3.8 s. Workers touch no torch state
     # (_start_worker); 100 fills forked beside a thread running torch matmuls all finished, equal to serial ones.
+    children_before = set(multiprocessing.active_children())
     pool = concurrent.futures.ProcessPoolExecutor(processes, multiprocessing.get_context("fork"), _start_worker,
                                                   (job, os.getpid())) if processes > 1 else None
     in_flight, kept, captions, bad, segments, bar = collections.deque(), 0, [], [], [], None
@@ -186,8 +187,10 @@ def fill(table, job, chunk, num_workers):
                 bar.update(n)
     except BaseException:
         # Killed, not waited for (a Ctrl-C waited over 10 s for the chunks already queued): what they were
-        # writing is thrown away with the .tmp folder or the memory. (Python 3.14 has pool.terminate_workers.)
-        for process in list((pool._processes or {}).values()) if pool else ():
+        # writing is thrown away with the .tmp folder or the memory. Every process forked since the pool was
+        # made, not only those it lists: a stop that lands between a worker's fork and the pool's note of it
+        # leaves one the pool does not know of, which multiprocessing would wait for at exit, forever.
+        for process in set(multiprocessing.active_children()) - children_before if pool else ():
             process.kill()
         raise
     finally:

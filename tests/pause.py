@@ -5,6 +5,9 @@ while a run is certainly in progress (start a second run on its folder, say) wit
                                               # then wait for a line on stdin
     python tests/pause.py fill -- TRAIN ARGS  # each image cache worker process, at its first image:
                                               # print "filling PID", then wait until it is killed
+    python tests/pause.py spawn -- TRAIN ARGS # as fill, and the run sends itself SIGTERM the instant
+                                              # its second worker process is forked (printing
+                                              # "started PID" for each), before the pool has noted it
 """
 import faulthandler
 import os
@@ -32,6 +35,23 @@ def hold_fill_workers():
     decode.open_image = held_open
 
 
+def stop_at_the_second_fork():
+    """SIGTERM to this process the moment the second multiprocessing child has started: its handler
+    runs at the next bytecode, before ProcessPoolExecutor records the worker it forked."""
+    import multiprocessing.process
+
+    start, started = multiprocessing.process.BaseProcess.start, []
+
+    def start_and_stop(process):
+        start(process)
+        started.append(process.pid)
+        os.write(1, f"started {process.pid}\n".encode())
+        if len(started) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    multiprocessing.process.BaseProcess.start = start_and_stop
+
+
 def hold_training(n):
     calls, caption_loss = [0], evaluation.caption_loss
 
@@ -52,7 +72,12 @@ def main():
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     point, sep, *train_args = sys.argv[1:]
     assert sep == "--", sys.argv
-    hold_fill_workers() if point == "fill" else hold_training(int(point))
+    if point in ("fill", "spawn"):
+        hold_fill_workers()
+        if point == "spawn":
+            stop_at_the_second_fork()
+    else:
+        hold_training(int(point))
     train.main(train_args)
 
 

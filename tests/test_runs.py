@@ -143,6 +143,31 @@ def test_a_run_stopped_while_the_cache_fills_leaves_no_process_and_no_lock(run_n
     assert digests(out) == expected
 
 
+@pytest.mark.slow
+def test_a_stop_between_a_worker_s_fork_and_the_pool_s_note_of_it_leaves_no_process(tmp_path, tiny_model_dir):
+    """The stop lands the instant the fill's second worker is forked, before ProcessPoolExecutor
+    has recorded it: that worker too is ended, and the run exits (an unknown worker would be waited
+    for at exit, forever)."""
+    out, env = tmp_path / "run", {**ENV, "GIT_CAPTION_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "pause.py"), "spawn", "--",
+           *train_cmd(out, tiny_model_dir, *FILL_RUN)[2:]]
+    started = []
+
+    def second_start(line):
+        if line.startswith("started "):
+            started.append(int(line.split()[1]))
+        return len(started) == 2
+
+    with Child(cmd, env=env) as child:
+        child.stdout.read(120, until=second_start)
+        with stacks_if_it_hangs(child):
+            status = child.proc.wait(60)
+        said = "".join(child.stdout.read(30))
+    assert status == 0, said
+    assert said.splitlines()[-1].startswith("stopped by SIGTERM outside the training loop"), said
+    wait_until_gone(started)
+
+
 def test_the_lock_is_released_when_the_run_ends_even_by_an_error(tmp_path, tiny_model_dir):
     with pytest.raises(SystemExit):  # a bad dataset stops the run after the lock was taken
         train.main([*RUN, "--model", tiny_model_dir, "--output-dir", str(tmp_path), "--dataset", str(tmp_path / "no")])
