@@ -115,7 +115,8 @@ def optimizer_step(run, micro, n_tokens):
         with sync:
             with runtime.autocast(run.device, run.amp_dtype):
                 # DDP averages over ranks; the world factor turns that average into the sum.
-                loss = evaluation.caption_loss(run.net, batch, n_tokens / run.world, static=run.args.compile)
+                loss = evaluation.caption_loss(run.net, batch, n_tokens / run.world, static=run.args.compile,
+                                               label_smoothing=run.args.label_smoothing)
             run.scaler.scale(loss).backward()
         step_loss += loss.detach() / run.world  # no .item() here: one device sync per step at most
     distributed.sum_(step_loss, run.world)

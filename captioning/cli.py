@@ -71,6 +71,7 @@ non_negative_int = _number(int, lambda v: v >= 0, "non-negative")
 non_negative_float = _number(float, lambda v: v >= 0, "non-negative")
 fraction = _number(float, lambda v: 0 < v < 1, "between 0 and 1")
 probability = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
+share = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def usable_cores(cap=8):

@@ -11,7 +11,7 @@ from captioning.gitmodel import num_image_tokens
 
 
 
-def caption_loss(model, batch, num_tokens, static=False):
+def caption_loss(model, batch, num_tokens, static=False, label_smoothing=0.0):
     """Summed next-token cross-entropy over caption tokens, divided by num_tokens.
 
     GIT prepends the image tokens to the caption, and its own forward projects every position
@@ -19,19 +19,23 @@ def caption_loss(model, batch, num_tokens, static=False):
     caption position j predicts token j + 1, for every j whose target is not padding.
     static (--compile): logits at every caption position instead, padding included, so that no
     shape depends on how many targets a batch holds (each new shape would be a new compile).
+    label_smoothing (--label-smoothing, training only): each target's cross-entropy against the
+    target smoothed by that share over the vocabulary, as F.cross_entropy computes it.
     """
     targets = batch["labels"][:, 1:]
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                   pixel_values=batch["pixel_values"], use_cache=False)
     if static:
         logits = model(**inputs, logits_to_keep=targets.shape[1] + 1).logits[:, :-1]
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum") / num_tokens
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum",
+                               label_smoothing=label_smoothing) / num_tokens
     has_target = targets != -100
     n_img = num_image_tokens(unwrap(model).config)
     keep = has_target.new_zeros((targets.shape[0], n_img + targets.shape[1] + 1))
     keep[:, n_img:-1] = has_target
     logits = model(**inputs, logits_to_keep=keep).logits
-    return F.cross_entropy(logits.float(), targets[has_target], reduction="sum") / num_tokens
+    return F.cross_entropy(logits.float(), targets[has_target], reduction="sum",
+                           label_smoothing=label_smoothing) / num_tokens
 
 
 def unwrap(model):

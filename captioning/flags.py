@@ -71,6 +71,9 @@ def declare(a):
     a("--warmup-steps", "--num-warmup-steps", dest="warmup_steps", type=cli.non_negative_int, default=0)
     a("--weight-decay", type=cli.non_negative_float, default=0.0)
     a("--max-grad-norm", type=cli.non_negative_float, default=1.0)
+    a("--label-smoothing", type=cli.share, default=0.0,
+      help="share of each training target spread over the vocabulary (the GIT authors train with 0.1); "
+           "the eval loss is never smoothed")
     a("--lr-schedule", "--lr-scheduler-type", dest="lr_schedule", choices=SCHEDULES, default="linear")
     a("--precision", choices=cli.PRECISIONS, default="auto",
       help="auto: fp16 + GradScaler on CUDA, bf16 on CPUs with bf16 matrix units, else fp32")
@@ -116,13 +119,14 @@ def declare(a):
 FIXED_ON_RESUME = ("dataset", "image_root", "image_column", "text_column", "test_size", "synthetic_size",
                    "on_bad_sample", "caption_sampling", "exact_preprocessing", "max_image_pixels", "model", "freeze_vision",
                    "max_text_length", "batch_size", "grad_accum", "seed", "learning_rate", "lr_schedule",
-                   "warmup_steps", "weight_decay", "max_grad_norm", "metric_for_best")
+                   "warmup_steps", "weight_decay", "max_grad_norm", "label_smoothing", "metric_for_best")
 
 NOT_COMPARED = ("resume", "overwrite_output_dir", "output_dir", "hub_model_id")
 
 
 CARD_FLAGS = ("dataset", "model", "epochs", "max_steps", "learning_rate", "lr_schedule", "warmup_steps",
-              "weight_decay", "batch_size", "grad_accum", "max_grad_norm", "precision", "max_text_length",
+              "weight_decay", "batch_size", "grad_accum", "max_grad_norm", "label_smoothing", "precision",
+              "max_text_length",
               "caption_sampling", "freeze_vision", "gradient_checkpointing", "gen_max_length", "eval_num_beams", "seed")
 
 

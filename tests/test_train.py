@@ -246,6 +246,27 @@ def test_loss_matches_git_and_accumulation_equals_one_big_batch(tiny_model_dir):
     assert any(not torch.allclose(naive[k], expected[k], atol=1e-6, rtol=1e-5) for k in expected)
 
 
+def test_label_smoothing_is_f_cross_entropy_s_on_the_caption_positions(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    batch = batch_of(processor, ["a red circle", "a small blue square at the top and a large red circle"])
+    n = evaluation.num_targets(batch)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch["pixel_values"]).logits
+        images = logits.shape[1] - batch["input_ids"].shape[1]
+        # caption position j predicts token j + 1; padding's targets are -100 and count for nothing
+        expected = torch.nn.functional.cross_entropy(logits[:, images:-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                                     label_smoothing=0.1, reduction="sum") / n
+        for static in (False, True):
+            smoothed = evaluation.caption_loss(model, batch, n, static=static, label_smoothing=0.1)
+            torch.testing.assert_close(smoothed, expected, atol=1e-5, rtol=1e-6)
+        assert evaluation.caption_loss(model, batch, n) < expected  # smoothing adds the cost of the spread
+    args = flags.parse_args(["--label-smoothing", "0.1"])
+    assert args.label_smoothing == 0.1 and flags.parse_args([]).label_smoothing == 0.0
+    assert "label_smoothing" in flags.FIXED_ON_RESUME and "label_smoothing" in flags.CARD_FLAGS
+
+
 def test_two_accumulated_micro_batches_train_as_one_batch_twice_the_size(tmp_path, no_dropout_model):
     # 167 scenes -> 150 to train on: an epoch is 9 steps of 16 and a 10th of 6 (one short micro-batch
     # when accumulating), and step 12 is in the second epoch. Both runs draw the samples in the same
