@@ -139,33 +139,42 @@ def _ngrams(text, n=4):
     return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
 
 
-def _cider_d(hyps, all_refs, n=4, sigma=6.0):
-    hyp_counts = [_ngrams(h, n) for h in hyps]
-    ref_counts = [[_ngrams(r, n) for r in refs] for refs in all_refs]
-    # document frequency: in how many images' reference sets an n-gram occurs
-    df = Counter(g for counts in ref_counts for g in set().union(*counts))
-    log_images = math.log(len(hyps))
+def _cider_d(hyps, all_refs):
+    """The set's CIDEr-D: document frequencies from the scored set's own references, as COCO's."""
+    scorer = CiderD(all_refs)
+    return sum(scorer.score(hyp, refs) for hyp, refs in zip(hyps, all_refs)) / len(hyps)
 
-    def tfidf(counts):  # one {ngram: weight} and its norm per n-gram length
-        vecs = [{} for _ in range(n)]
-        for g, tf in counts.items():
-            vecs[len(g) - 1][g] = tf * (log_images - math.log(max(1, df[g])))
+
+class CiderD:
+    """CIDEr-D of one caption against its references (normalised text), with document frequencies
+    from a fixed corpus of reference sets: the scored set's own for the COCO score (_cider_d), the
+    training split's for a reward computed caption by caption (as self-critical training uses it)."""
+
+    def __init__(self, reference_sets, n=4, sigma=6.0):
+        self.n, self.sigma = n, sigma
+        # document frequency: in how many images' reference sets an n-gram occurs
+        self.df = Counter(g for refs in reference_sets for g in set().union(*(_ngrams(r, n) for r in refs)))
+        self.log_images = math.log(len(reference_sets))
+
+    def _tfidf(self, text):
+        """One {ngram: weight} and its norm per n-gram length."""
+        vecs = [{} for _ in range(self.n)]
+        for g, tf in _ngrams(text, self.n).items():
+            vecs[len(g) - 1][g] = tf * (self.log_images - math.log(max(1, self.df[g])))
         return vecs, [math.sqrt(sum(w * w for w in v.values())) for v in vecs]
 
-    total = 0.0
-    for hyp, refs, hc, rcs in zip(hyps, all_refs, hyp_counts, ref_counts):
-        hv, hnorm = tfidf(hc)
+    def score(self, hyp, refs):
+        hv, hnorm = self._tfidf(hyp)
         score = 0.0
-        for ref, rc in zip(refs, rcs):
-            rv, rnorm = tfidf(rc)
-            penalty = math.exp(-((len(hyp.split()) - len(ref.split())) ** 2) / (2 * sigma ** 2))
-            for k in range(n):
+        for ref in refs:
+            rv, rnorm = self._tfidf(ref)
+            penalty = math.exp(-((len(hyp.split()) - len(ref.split())) ** 2) / (2 * self.sigma ** 2))
+            for k in range(self.n):
                 if hnorm[k] and rnorm[k]:
                     # clipping: a hypothesis n-gram earns at most the reference's own weight for it
                     dot = sum(min(w, rv[k].get(g, 0.0)) * rv[k].get(g, 0.0) for g, w in hv[k].items())
                     score += penalty * dot / (hnorm[k] * rnorm[k])
-        total += 10 * score / (n * len(refs))
-    return total / len(hyps)
+        return 10 * score / (self.n * len(refs))
 
 
 # Fewer images than this say too little about diversity to warn on.

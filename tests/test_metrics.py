@@ -9,6 +9,7 @@ import jiwer
 import pytest
 
 import metrics
+from captioning import measures
 from captioning.measures import caption_scores, wer
 from captioning.strings import normalize
 
@@ -121,6 +122,27 @@ def test_rouge_l_and_cider_d_match_pycocoevalcap():
     # COCO's BLEU adds tiny epsilons to the n-gram counts, sacrebleu does not: equal to 1e-6 all the same
     assert ours["bleu4"] == pytest.approx(bleu.Bleu(4).compute_score(gts, res, verbose=0)[0][3], abs=1e-6)
     assert ours["cider_d"] > 0 and ours["bleu4"] > 0
+
+
+def test_cider_d_with_a_corpus_s_document_frequencies_equals_pycocoevalcap_caption_by_caption():
+    """SCST's reward: each sampled caption scored alone against its image's references, with document
+    frequencies from the whole training split's references instead of the scored batch's. pycocoevalcap
+    takes them from the captions it scores, so it scores one candidate for every image of the corpus."""
+    from pycocoevalcap.cider.cider_scorer import CiderScorer
+
+    corpus = [[normalize(r) for r in refs] for refs in REFS]
+    samples = [[normalize(p), normalize(p + " and a circle"), "a"] for p in PREDS]  # three an image
+    reward = measures.CiderD(corpus)
+    for k in range(3):
+        theirs = CiderScorer(n=4, sigma=6.0)
+        for image, refs in enumerate(corpus):
+            theirs.cook_append(samples[image][k], refs)
+        expected = theirs.compute_score()[1]
+        ours = [reward.score(samples[image][k], refs) for image, refs in enumerate(corpus)]
+        assert ours == pytest.approx(list(expected), abs=1e-9), k
+    # The corpus's frequencies, not the batch's: the same caption scored within a batch of two differs.
+    alone = measures.CiderD(corpus[:2]).score(samples[0][0], corpus[0])
+    assert alone != pytest.approx(reward.score(samples[0][0], corpus[0]))
 
 
 def test_cider_d_by_hand():
