@@ -11,7 +11,7 @@ from captioning.gitmodel import num_image_tokens
 
 
 
-def caption_loss(model, batch, num_tokens, static=False, label_smoothing=0.0):
+def caption_loss(model, batch, num_tokens, static=False, label_smoothing=0.0, row_weights=None):
     """Summed next-token cross-entropy over caption tokens, divided by num_tokens.
 
     GIT prepends the image tokens to the caption, and its own forward projects every position
@@ -21,21 +21,27 @@ def caption_loss(model, batch, num_tokens, static=False, label_smoothing=0.0):
     shape depends on how many targets a batch holds (each new shape would be a new compile).
     label_smoothing (--label-smoothing, training only): each target's cross-entropy against the
     target smoothed by that share over the vocabulary, as F.cross_entropy computes it.
+    row_weights: one weight per row, times each of its targets' cross-entropy (SCST's advantages).
     """
     targets = batch["labels"][:, 1:]
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                   pixel_values=batch["pixel_values"], use_cache=False)
+    weights = None if row_weights is None else row_weights[:, None].expand_as(targets)
     if static:
         logits = model(**inputs, logits_to_keep=targets.shape[1] + 1).logits[:, :-1]
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum",
-                               label_smoothing=label_smoothing) / num_tokens
-    has_target = targets != -100
-    n_img = num_image_tokens(unwrap(model).config)
-    keep = has_target.new_zeros((targets.shape[0], n_img + targets.shape[1] + 1))
-    keep[:, n_img:-1] = has_target
-    logits = model(**inputs, logits_to_keep=keep).logits
-    return F.cross_entropy(logits.float(), targets[has_target], reduction="sum",
-                           label_smoothing=label_smoothing) / num_tokens
+        logits, targets = logits.flatten(0, 1), targets.flatten()
+        weights = None if weights is None else weights.flatten()
+    else:
+        has_target = targets != -100
+        n_img = num_image_tokens(unwrap(model).config)
+        keep = has_target.new_zeros((targets.shape[0], n_img + targets.shape[1] + 1))
+        keep[:, n_img:-1] = has_target
+        logits = model(**inputs, logits_to_keep=keep).logits
+        targets, weights = targets[has_target], None if weights is None else weights[has_target]
+    if weights is None:
+        return F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=label_smoothing) / num_tokens
+    losses = F.cross_entropy(logits.float(), targets, reduction="none", label_smoothing=label_smoothing)
+    return (losses * weights).sum() / num_tokens
 
 
 def unwrap(model):
