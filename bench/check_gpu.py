@@ -59,20 +59,17 @@ SIZES = {
 FP32_TOLERANCE = {"loss": 1e-5, "logits": 1e-4, "grad": 1e-3}  # grad: relative, see differences()
 LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR = 2.0, {"loss": 1e-5, "logits": 1e-4, "grad": 1e-3}
 FP16_SHARE_MARGIN = 0.10
+PARTS = ("correctness", "program", "speed")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes, seconds a part: runs on a CPU (the tests)")
     p.add_argument("--device", choices=cli.DEVICES, default="auto")
-    p.add_argument("--parts", default="correctness,program,speed", help="comma-separated, of correctness,program,speed")
+    p.add_argument("--parts", type=cli.comma_list(PARTS), default=list(PARTS), help="comma-separated, of " + ",".join(PARTS))
     p.add_argument("--work-dir", default=os.path.join(HERE, "bench-work"), help="built models and JPEGs, reused")
     p.add_argument("--json", default=os.path.join(HERE, "check-gpu.json"), help="every result, as JSON")
     args = p.parse_args(argv)
-    args.parts = [x for x in args.parts.split(",") if x]
-    unknown = [x for x in args.parts if x not in ("correctness", "program", "speed")]
-    if unknown or not args.parts:
-        p.error(f"--parts: choose from correctness,program,speed (got {','.join(unknown) or 'nothing'})")
     args.size = SIZES["quick" if args.quick else "full"]
     return args
 
@@ -506,7 +503,7 @@ def print_table(report):
     print(f"\ncheck-gpu on {report['device']} ({report['device_name']}), torch {report['torch']}, "
           f"{'quick' if report['quick'] else 'full'} sizes")
     print(f"{'part':<12} {'check':<22} {'result':<8} figures")
-    for part in ("correctness", "program", "speed"):
+    for part in PARTS:
         for name, r in report.get(part, {}).items():
             if isinstance(r, dict):
                 print(f"{part:<12} {name:<22} {r.get('status', ''):<8} {summary(name, r)}")
@@ -541,7 +538,7 @@ def main(argv=None):
             print(f"--- {part}", flush=True)
             report[part] = run(device, args.work_dir, args.size)
             gpu.write_json(report, args.json)  # what is done survives a crash in a later part
-    report["failed"] = [f"{part}: {name}" for part in ("correctness", "program", "speed")
+    report["failed"] = [f"{part}: {name}" for part in PARTS
                         for name, r in report.get(part, {}).items()
                         if isinstance(r, dict) and r.get("status") in ("failed", "error")]
     gpu.write_json(report, args.json)

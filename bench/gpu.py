@@ -73,16 +73,6 @@ SIZES = {
 }
 
 
-def comma_list(choices):
-    def parse(text):
-        items = [x for x in text.split(",") if x]
-        unknown = [x for x in items if x not in choices]
-        if unknown or not items:
-            raise argparse.ArgumentTypeError(f"choose from {','.join(choices)}, not {text!r}")
-        return items
-    return parse
-
-
 def parse_args(argv=None):
     from captioning import cli
 
@@ -105,8 +95,8 @@ def parse_args(argv=None):
       help=f"max_length of generate; every caption is written to it (default {full['gen_max_length']})")
     a("--generate-reps", type=cli.positive_int, default=None,
       help=f"timed generate calls after one warm-up call (default {full['generate_reps']})")
-    a("--variants", type=comma_list(VARIANTS), default=list(VARIANTS), help="comma-separated, of " + ",".join(VARIANTS))
-    a("--precisions", type=comma_list(PRECISIONS), default=list(PRECISIONS),
+    a("--variants", type=cli.comma_list(VARIANTS), default=list(VARIANTS), help="comma-separated, of " + ",".join(VARIANTS))
+    a("--precisions", type=cli.comma_list(PRECISIONS), default=list(PRECISIONS),
       help="comma-separated: fp16 (autocast + GradScaler), bf16 (autocast)")
     a("--generate-precision", choices=cli.PRECISIONS, default="auto",
       help="autocast for generate; auto: fp16 on CUDA, bf16 on a CPU with bf16 units, else fp32")

@@ -53,7 +53,7 @@ class SdpaSelfAttention(GitSelfAttention):
         self.dropout = eager.dropout  # its p, applied to the attention probabilities as eager does
         self.layer_idx = eager.layer_idx
         self.num_attention_heads, self.all_head_size = eager.num_attention_heads, eager.all_head_size
-        self.attention_head_size = self.head_size = eager.attention_head_size
+        self.attention_head_size = eager.attention_head_size
         # GitModel reads this name to widen the padding mask over the cached image tokens.
         self.image_patch_tokens = eager.image_patch_tokens
         self._forward_hooks.update(eager._forward_hooks)  # e.g. those recording output_attentions
@@ -65,7 +65,7 @@ class SdpaSelfAttention(GitSelfAttention):
             # The probabilities are asked for, which the fused kernels never write out: eager's own computation.
             return super().forward(hidden_states, attention_mask, cache, **kwargs)
         batch, length, _ = hidden_states.shape
-        heads = (batch, length, -1, self.head_size)
+        heads = (batch, length, -1, self.attention_head_size)
         query = self.query(hidden_states).view(heads).transpose(1, 2)
         key = self.key(hidden_states).view(heads).transpose(1, 2)
         value = self.value(hidden_states).view(heads).transpose(1, 2)
@@ -104,9 +104,8 @@ def use_sdpa(model):
     for layer in model.git.encoder.layer:
         if not isinstance(layer.attention.self, SdpaSelfAttention):
             layer.attention.self = SdpaSelfAttention(layer.attention.self)
-    if not getattr(model.git, "_counts_image_queries", False):
+    if count_image_queries not in model.git._forward_pre_hooks.values():
         model.git.register_forward_pre_hook(count_image_queries, with_kwargs=True)
-        model.git._counts_image_queries = True
     return model
 
 

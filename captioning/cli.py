@@ -74,6 +74,17 @@ probability = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
 share = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
+def comma_list(choices):
+    """An argparse type: a comma-separated list of some of `choices`, at least one."""
+    def parse(text):
+        items = [x for x in text.split(",") if x]
+        unknown = [x for x in items if x not in choices]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(f"choose from {','.join(choices)}, not {text!r}")
+        return items
+    return parse
+
+
 def usable_cores(cap=8):
     """The cores this process may run on (a container's or taskset's share), at most cap."""
     try:
