@@ -39,11 +39,15 @@ def train(run, state, meter):
     bar = progress_bar(run, state)
     with StopOnSignal(say) as stop, bar:
         for micro in meter.timed(step_batches(run, state)):
+            sampling = ()
+            if run.critic:  # SCST: the images' captions give way to K of the model's own, weighed by advantage
+                micro, sampling = sample_captions(run, micro, state.epoch)
             # Normalise by the target tokens of the whole accumulated batch (on all ranks), so every
             # caption token weighs the same however the batch was cut into micro-batches and ranks.
             # The ranks agree on a stop in the same all-reduce, so all of them stop after one step.
-            n_tokens, captions, stops = distributed.global_sum(
-                (sum(map(evaluation.num_targets, micro)), sum(map(evaluation.num_captions, micro)), stop.requested), run.world, run.device)
+            n_tokens, captions, stops, *sampling = distributed.global_sum(
+                (sum(map(evaluation.num_targets, micro)), sum(map(evaluation.num_captions, micro)), stop.requested,
+                 *sampling), run.world, run.device)
             if stops:
                 stopped_by = stop.name or "a signal to another rank"
                 break
@@ -57,7 +61,7 @@ def train(run, state, meter):
             if bad_in_a_row >= args.max_bad_steps and not run.scaler.is_enabled():
                 fail(f"stopped at step {state.step}: the loss was not finite for {bad_in_a_row} steps in a row "
                      f"(--max-bad-steps); the last good checkpoint is left as it was")
-            add_to_window(state.window, loss, samples, captions)
+            add_to_window(state.window, loss, samples, captions, sampling)
             if due(state.step, args.logging_steps, run.max_steps):
                 log_window(run, state, meter, grad_norm, bar)
             if due(state.step, args.eval_steps, run.max_steps):
@@ -100,6 +104,14 @@ def step_batches(run, state):
         state.epoch, state.samples_done = state.epoch + 1, 0
 
 
+def sample_captions(run, micro, epoch):
+    """--objective scst: every micro-batch sampled before any loss pass (the step's token count,
+    which normalises the loss, is known only then). Returns the sampled batches, each row weighed
+    by its advantage, and scst.STATS summed over them."""
+    sampled = [run.critic.sampled(run.model, batch, epoch, run.device, run.amp_dtype) for batch in micro]
+    return [batch for batch, _ in sampled], [sum(column) for column in zip(*(stats for _, stats in sampled))]
+
+
 def optimizer_step(run, micro, n_tokens):
     """Forward and backward over the micro-batches, then one optimizer step. Returns (the loss as a
     0-d tensor, summed over ranks; the gradient norm; whether the step was skipped as non-finite)."""
@@ -116,7 +128,8 @@ def optimizer_step(run, micro, n_tokens):
             with runtime.autocast(run.device, run.amp_dtype):
                 # DDP averages over ranks; the world factor turns that average into the sum.
                 loss = evaluation.caption_loss(run.net, batch, n_tokens / run.world, static=run.args.compile,
-                                               label_smoothing=run.args.label_smoothing)
+                                               label_smoothing=run.args.label_smoothing,
+                                               row_weights=batch.get("row_weights"))
             run.scaler.scale(loss).backward()
         step_loss += loss.detach() / run.world  # no .item() here: one device sync per step at most
     distributed.sum_(step_loss, run.world)
@@ -136,16 +149,18 @@ def optimizer_step(run, micro, n_tokens):
     return step_loss, grad_norm, skipped
 
 
-def add_to_window(window, loss, images, captions):
+def add_to_window(window, loss, images, captions, sampling=()):
     window["loss"] += loss
     window["steps"] += 1
     window["samples"] += images
     window["captions"] += captions
+    if sampling:
+        window["sampling"] = [a + b for a, b in itertools.zip_longest(window["sampling"], sampling, fillvalue=0.0)]
 
 
 def log_window(run, state, meter, grad_norm, bar):
     """The mean loss and the speed of the steps since the last logged line: the terminal, TensorBoard."""
-    from captioning import checkpoint
+    from captioning import checkpoint, scst
 
     window = state.window
     mean_loss, lr = float(window["loss"]) / window["steps"], run.scheduler.get_last_lr()[0]
@@ -156,10 +171,16 @@ def log_window(run, state, meter, grad_norm, bar):
                         ("captions_per_second", captions_per_s), ("images_per_second", images_per_s),
                         ("data_wait_share", wait_share), ("skipped_steps", state.skipped_steps)):
         run.writer.add_scalar(f"train/{name}", value, state.step)
+    sampled = scst.window_means(window["sampling"]) if window["sampling"] else None
+    for name, value in (sampled or {}).items():
+        run.writer.add_scalar(f"train/scst_{name}", value, state.step)
     say(f"step {state.step}/{run.max_steps} | epoch {state.epoch + state.samples_done / run.samples_per_epoch:.2f} | "
         f"loss {mean_loss:.4f} | lr {lr:.3e} | grad_norm {float(grad_norm):.3f} "
         f"| {captions_per_s:.1f} captions/s, {images_per_s:.1f} images/s | data wait {100 * wait_share:.1f}%"
-        + (f" | {state.skipped_steps} steps skipped (non-finite)" if state.skipped_steps else ""))
+        + (f" | {state.skipped_steps} steps skipped (non-finite)" if state.skipped_steps else "")
+        + (f" | scst reward {sampled['reward']:.4f} (baseline {sampled['baseline']:.4f}, advantage spread "
+           f"{sampled['advantage_spread']:.4f}) | sample length {sampled['sample_length']:.1f} tokens, "
+           f"{100 * sampled['distinct_samples']:.0f}% distinct" if sampled else ""))
     state.window = checkpoint.empty_window()
 
 

@@ -43,6 +43,12 @@ def model_card(where, args, step, scores, data_sizes, repo_id=None):
     lines = [f"# {os.path.basename(name.rstrip('/'))}", "",
              f"{what} to caption images with train.py, a plain PyTorch loop, on `{args.dataset}`: "
              f"{data_sizes['train']} training images, {data_sizes['eval']} held out.", ""]
+    if getattr(args, "objective", "cross-entropy") == "scst":
+        baseline = ("the mean reward of the image's other samples" if args.scst_baseline == "mean"
+                    else "the reward of its greedy caption")
+        lines += [f"Trained with self-critical sequence training (SCST), starting from `{args.model}`: "
+                  f"{args.scst_samples} captions sampled per image, each rewarded by its CIDEr-D against the "
+                  f"image's references, minus {baseline}.", ""]
     if scores:
         lines += ["## Evaluation", "",
                   f"Captions written by `model.generate({generate_options(args)})` on the held-out "

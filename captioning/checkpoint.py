@@ -140,7 +140,8 @@ def write_file_atomically(path, text):
 # The training state: what save_checkpoint writes to training_state.pt, and restore reads back
 
 def empty_window():
-    return {"loss": 0.0, "steps": 0, "samples": 0, "captions": 0}
+    # sampling: --objective scst's sums of scst.STATS over the window's steps
+    return {"loss": 0.0, "steps": 0, "samples": 0, "captions": 0, "sampling": []}
 
 
 @dataclasses.dataclass

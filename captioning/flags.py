@@ -18,9 +18,28 @@ def parse_args(argv=None, description=None, **defaults):
     declare(p.add_argument)
     p.set_defaults(**defaults)
     args = p.parse_args(argv)
+    if args.metric_for_best is None:
+        args.metric_for_best = "cider_d" if args.objective == "scst" else "wer"
+    problem = objective_problem(args)
+    if problem:
+        p.error(problem)
     if args.hub_model_id is None:
         args.hub_model_id = os.path.basename(os.path.abspath(args.output_dir))
     return args
+
+
+def objective_problem(args):
+    """What is wrong with the flags of --objective scst, or None."""
+    if args.objective != "scst":
+        return None
+    if args.scst_baseline == "mean" and args.scst_samples < 2:
+        return ("--scst-samples 1 with --scst-baseline mean: the mean baseline is the reward of an image's "
+                "other samples, so it needs at least 2 (or use --scst-baseline greedy)")
+    if args.label_smoothing:
+        return "--label-smoothing smooths cross-entropy's targets; --objective scst has none (leave it at 0)"
+    if args.caption_sampling == "all":
+        return "--caption-sampling all: --objective scst trains on the model's own samples, not on the captions"
+    return None
 
 
 def declarations():
@@ -74,6 +93,7 @@ def declare(a):
     a("--label-smoothing", type=cli.share, default=0.0,
       help="share of each training target spread over the vocabulary (the GIT authors train with 0.1); "
            "the eval loss is never smoothed")
+    declare_objective(a)
     a("--lr-schedule", "--lr-scheduler-type", dest="lr_schedule", choices=SCHEDULES, default="linear")
     a("--precision", choices=cli.PRECISIONS, default="auto",
       help="auto: fp16 + GradScaler on CUDA, bf16 on CPUs with bf16 matrix units, else fp32")
@@ -100,8 +120,9 @@ def declare(a):
     a("--gen-max-length", type=cli.positive_int, default=50, help="max_length for model.generate at evaluation")
     a("--eval-num-beams", type=cli.positive_int, default=1,
       help="beams for model.generate at evaluation (1: greedy); metrics.py --model takes the same by default")
-    a("--metric-for-best", choices=tuple(LOWER_IS_BETTER) + ("bleu4", "rouge_l", "cider_d"), default="wer",
-      help="the evaluation score that picks best/ (and the checkpoint always kept)")
+    a("--metric-for-best", choices=tuple(LOWER_IS_BETTER) + ("bleu4", "rouge_l", "cider_d"), default=None,
+      help="the evaluation score that picks best/ (and the checkpoint always kept); default: wer, or cider_d "
+           "with --objective scst")
     a("--num-examples", type=cli.non_negative_int, default=3, help="example captions printed and logged per evaluation")
     a("--push-to-hub", action="store_true", help="upload best/ with its model card to the Hub at the end")
     a("--hub-model-id", default=None, help="owner/name of the Hub repo (default: the --output-dir folder name)")
@@ -113,18 +134,32 @@ def declare(a):
       help="continue from the newest checkpoint in --output-dir (or from the folder given)")
 
 
+def declare_objective(a):
+    """The flags of the training objective: cross-entropy, or self-critical training and its settings."""
+    a("--objective", choices=("cross-entropy", "scst"), default="cross-entropy",
+      help="scst: self-critical sequence training, from a cross-entropy model (--model OUT/best): the model's "
+           "own sampled captions, rewarded by CIDEr-D (README: SCST)")
+    a("--scst-samples", type=cli.positive_int, default=5, help="--objective scst: captions sampled per image")
+    a("--scst-baseline", choices=("mean", "greedy"), default="mean",
+      help="--objective scst: what a sample's reward is compared with: the mean reward of the image's other "
+           "samples, or the reward of its greedy caption (one more decode)")
+    a("--scst-max-length", type=cli.positive_int, default=None,
+      help="--objective scst: max_length of the sampled captions (default: --gen-max-length)")
+
+
 # Flags that decide which samples a step sees, or what a step computes. Resuming with another
 # value would quietly make a run that is neither the old one nor a new one, so it is refused;
 # every other flag may change (intervals, limits, workers, devices) and is said once.
 FIXED_ON_RESUME = ("dataset", "image_root", "image_column", "text_column", "test_size", "synthetic_size",
                    "on_bad_sample", "caption_sampling", "exact_preprocessing", "max_image_pixels", "model", "freeze_vision",
                    "max_text_length", "batch_size", "grad_accum", "seed", "learning_rate", "lr_schedule",
-                   "warmup_steps", "weight_decay", "max_grad_norm", "label_smoothing", "metric_for_best")
+                   "warmup_steps", "weight_decay", "max_grad_norm", "label_smoothing", "metric_for_best",
+                   "objective", "scst_samples", "scst_baseline", "scst_max_length")
 
 NOT_COMPARED = ("resume", "overwrite_output_dir", "output_dir", "hub_model_id")
 
 
-CARD_FLAGS = ("dataset", "model", "epochs", "max_steps", "learning_rate", "lr_schedule", "warmup_steps",
+CARD_FLAGS = ("dataset", "model", "objective", "scst_samples", "scst_baseline", "scst_max_length", "epochs", "max_steps", "learning_rate", "lr_schedule", "warmup_steps",
               "weight_decay", "batch_size", "grad_accum", "max_grad_norm", "label_smoothing", "precision",
               "max_text_length",
               "caption_sampling", "freeze_vision", "gradient_checkpointing", "gen_max_length", "eval_num_beams", "seed")

@@ -155,6 +155,7 @@ class CiderD:
         # document frequency: in how many images' reference sets an n-gram occurs
         self.df = Counter(g for refs in reference_sets for g in set().union(*(_ngrams(r, n) for r in refs)))
         self.log_images = math.log(len(reference_sets))
+        self._reference_vectors = {}  # a reference's weights never change: SCST scores each one K times a step
 
     def _tfidf(self, text):
         """One {ngram: weight} and its norm per n-gram length."""
@@ -167,7 +168,9 @@ class CiderD:
         hv, hnorm = self._tfidf(hyp)
         score = 0.0
         for ref in refs:
-            rv, rnorm = self._tfidf(ref)
+            if ref not in self._reference_vectors:
+                self._reference_vectors[ref] = self._tfidf(ref)
+            rv, rnorm = self._reference_vectors[ref]
             penalty = math.exp(-((len(hyp.split()) - len(ref.split())) ** 2) / (2 * self.sigma ** 2))
             for k in range(self.n):
                 if hnorm[k] and rnorm[k]:

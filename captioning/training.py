@@ -19,7 +19,7 @@ import transformers
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
-from captioning import batches, checkpoint, decode, distributed, flags, image_cache, runtime, sources
+from captioning import batches, checkpoint, decode, distributed, flags, image_cache, runtime, scst, sources
 from captioning.cli import fail, say
 from captioning.errors import DataError, ModelLoadError
 from captioning.evaluation import make_eval_loader
@@ -50,6 +50,7 @@ class Run:
     scaler: object  # a GradScaler, enabled for fp16 only
     writer: object
     resume_step: object  # the step of the checkpoint resumed from, or None
+    critic: object = None  # --objective scst: a scst.SelfCritic, which turns images into weighed samples
 
     @property
     def sizes(self):
@@ -112,8 +113,20 @@ def build(args, device, rank, world):
               eval_captions=eval_captions, eval_images=eval_images, samples_per_epoch=samples_per_epoch,
               max_steps=max_steps, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
               writer=open_writer(args, rank, state.step if resume_from else None),
-              resume_step=state.step if resume_from else None)
+              resume_step=state.step if resume_from else None,
+              critic=self_critic(args, model, processor, train_loader.dataset) if args.objective == "scst" else None)
     return run, state
+
+
+def self_critic(args, model, processor, train_set):
+    """--objective scst's SelfCritic, rewarding against the training split's references."""
+    eos = model.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    try:
+        return scst.SelfCritic(train_set.references, processor.tokenizer,
+                               processor.tokenizer.sep_token_id if eos is None else eos, args)
+    except ValueError as e:
+        fail(f"--objective scst: {e}")
 
 
 def caption_count(dataset, args):

@@ -40,7 +40,7 @@ def train_cli(out, model, *extra, crash=None, torchrun=None, env=None):
     else:
         return in_process("train", *args, env={**ENV, **(env or {})})
     # torchrun ranks each get one thread, so two ranks share this 2-core machine without oversubscribing it.
-    env = {**ENV, "OMP_NUM_THREADS": "1"} if torchrun else ENV
+    env = {**ENV, "OMP_NUM_THREADS": "1"} if torchrun else {**ENV, **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -258,6 +258,75 @@ def test_torchrun_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, no_
     for x, y in zip(a["history"], b["history"]):
         assert x["step"] == y["step"] and x["wer"] == y["wer"] and x["cider_d"] == pytest.approx(y["cider_d"])
         assert x["eval_loss"] == pytest.approx(y["eval_loss"], abs=1e-5)
+
+
+# --objective scst from the session's trained model (a random one's samples earn no reward, so
+# their advantages, and the steps, would all be zero).
+SCST = ["--objective", "scst", "--scst-samples", "3", "--scst-max-length", "20", "--learning-rate", "1e-4"]
+
+
+def without_dropout(model_dir, out):
+    shutil.copytree(model_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (out / "config.json").write_text(json.dumps(config))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def scst_run(trained_run, tmp_path_factory):
+    """(the model it starts from, its output folder): an uninterrupted --objective scst run in one
+    process, from the session's trained model without dropout, one thread (as each torchrun rank)."""
+    out = tmp_path_factory.mktemp("scst")
+    start = without_dropout(os.path.join(trained_run, "best"), out / "model")
+    proc = train_cli(out / "one", start, *SCST, env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    return start, out / "one"
+
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_scst_killed_then_resumed_equals_an_uninterrupted_run(scst_run, tmp_path):
+    start, ref = scst_run
+    out = tmp_path / "run"
+    # Killed in step 5's first loss pass: the resume starts from checkpoint-3, whose logging window
+    # (step 3's rewards) the line at step 4 must average in.
+    killed = train_cli(out, start, *SCST, crash=("accumulation", "9"), env=ONE_THREAD)
+    assert killed.returncode == -9, killed.stderr
+    resumed = train_cli(out, start, *SCST, "--resume", env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {out / 'checkpoint-3'} at step 3" in resumed.stdout
+    a, b = final_state(ref), final_state(out)
+    torch.testing.assert_close([v for _, v in b["train_log"]], [v for _, v in a["train_log"]], atol=1e-6, rtol=0)
+    assert_same_weights(weights(ref), weights(out))
+    assert [(h["step"], h["cider_d"]) for h in b["history"]] == [(h["step"], h["cider_d"]) for h in a["history"]]
+    # The samples after the resume are the ones the uninterrupted run drew: the same rewards, logged once.
+    for tag in ("train/scst_reward", "train/scst_distinct_samples", "train/scst_sample_length"):
+        got, want = scalars(out, tag), scalars(ref, tag)
+        assert [s for s, _ in got] == [s for s, _ in want] == [2, 4, 6, 8], tag
+        torch.testing.assert_close([v for _, v in got], [v for _, v in want], atol=1e-6, rtol=0)
+    assert len({v for _, v in scalars(out, "train/scst_reward")}) > 1
+
+
+@pytest.mark.slow
+def test_scst_under_torchrun_two_ranks_equal_one_process_with_twice_the_batch(scst_run, tmp_path):
+    start, one = scst_run  # its --batch-size 8 on one rank; here 4 on each of 2
+    ranks = train_cli(tmp_path / "ddp", start, *SCST, "--batch-size", "4", torchrun=2)
+    assert ranks.returncode == 0, ranks.stderr
+    # Each rank samples and rewards its own images, from each image's own stream: the same samples,
+    # rewards and steps as one process that holds all of them.
+    for tag in ("train/scst_reward", "train/scst_advantage_spread", "train/scst_sample_length"):
+        got, want = scalars(tmp_path / "ddp", tag), scalars(one, tag)
+        assert [s for s, _ in got] == [s for s, _ in want] == [2, 4, 6, 8], tag
+        torch.testing.assert_close([v for _, v in got], [v for _, v in want], atol=1e-5, rtol=0)
+    a, b = final_state(tmp_path / "ddp"), final_state(one)
+    torch.testing.assert_close([v for _, v in a["train_log"]], [v for _, v in b["train_log"]], atol=1e-5, rtol=0)
+    assert_same_weights(weights(tmp_path / "ddp"), weights(one), atol=1e-5)
+    moved = max(float((weights(one)[k] - v).abs().max())
+                for k, v in load_file(os.path.join(start, "model.safetensors")).items())
+    assert moved > 1e-4  # the steps did something for the two runs to agree on
 
 
 @pytest.mark.slow

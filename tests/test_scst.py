@@ -1,12 +1,17 @@
 """SCST's pieces (captioning/scst.py) on hand-made batches: one image-encoder pass per image while
 sampling K captions, the leave-one-out baseline, the sampled batch's targets up to the end token,
 and the loss as minus advantage times each sampled token's log-probability."""
+import json
+import os
+
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoProcessor
 
-from captioning import evaluation, scst, synthetic
+from captioning import evaluation, flags, scst, sources, synthetic
 from captioning.measures import CiderD
+from conftest import in_process
 
 
 def model_and_pixels(model_dir, n=2):
@@ -16,23 +21,34 @@ def model_and_pixels(model_dir, n=2):
     return model, processor, pixels
 
 
-def test_k_samples_an_image_run_the_image_encoder_once_an_image_and_sample_the_same(no_dropout_model):
-    model, _, pixels = model_and_pixels(no_dropout_model)
+def test_k_samples_an_image_run_the_image_encoder_once_an_image_and_draw_from_the_image_s_own_stream(
+        no_dropout_model):
+    model, _, pixels = model_and_pixels(no_dropout_model, n=3)
     encoded = []
     # the patch embedding: where the encoder's work on each image starts
     patches = model.git.image_encoder.vision_model.embeddings
     hook = patches.register_forward_hook(lambda m, args, out: encoded.append(len(args[0])))
-    torch.manual_seed(3)
-    ids = scst.sample(model, pixels, 4, max_length=12)
-    assert encoded == [2] and ids.shape[0] == 8  # 2 images encoded once, 4 samples each
-    encoded.clear()
-    torch.manual_seed(3)  # generate's own way: each image encoded 4 times, the same features, the same draws
-    with torch.no_grad():
-        plain = model.generate(pixel_values=pixels, do_sample=True, num_return_sequences=4, top_k=0, max_length=12)
-    hook.remove()
-    assert encoded == [8] and torch.equal(ids, plain)
-    assert len({tuple(row.tolist()) for row in ids}) > 1  # sampled, not greedy
+    ids = scst.sample(model, pixels, 4, 12, scst.image_generators(7, 0, [10, 11, 12], "cpu"))
+    assert encoded == [3] and ids.shape[0] == 12  # 3 images encoded once, 4 samples each
     assert model.git.image_encoder.forward.__func__ is type(model.git.image_encoder).forward  # put back
+    encoded.clear()
+    # Image 12's draws do not depend on the images beside it (another batch, another rank), only on
+    # (seed, epoch, image): alone in its batch it gets the same 4 captions.
+    alone = scst.sample(model, pixels[2:], 4, 12, scst.image_generators(7, 0, [12], "cpu"))
+    hook.remove()
+    assert torch.equal(alone, ids[8:, :alone.shape[1]]) and (ids[8:, alone.shape[1]:] == 0).all()
+    assert len({tuple(row.tolist()) for row in ids}) > 1  # sampled, not greedy
+    other_epoch = scst.sample(model, pixels[2:], 4, 12, scst.image_generators(7, 1, [12], "cpu"))
+    assert not torch.equal(other_epoch, alone)
+
+
+def test_gumbel_noise_turns_argmax_into_a_draw_from_the_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]])
+    noise = scst.GumbelNoise(scst.image_generators(0, 0, [5], "cpu"), 20_000)
+    draws = noise(None, logits.expand(20_000, -1)).argmax(dim=1)
+    share = torch.bincount(draws, minlength=5).float() / 20_000
+    # 20,000 draws: each share within 0.012 of its probability (over 4 standard deviations)
+    torch.testing.assert_close(share, logits[0].softmax(0), atol=0.012, rtol=0)
 
 
 def test_leave_one_out_baseline_and_greedy_baseline():
@@ -50,7 +66,8 @@ def test_rewards_are_each_sample_s_cider_d_against_its_image_s_references(tiny_m
     scorer = CiderD(refs)
     texts = ["a red circle", "a blue square", "a blue square", "a circle"]  # 2 images x 2 samples
     ids = tokenizer(texts, padding=True, return_tensors="pt")["input_ids"]
-    got = scst.rewards(tokenizer, ids, refs[:2], scorer, 2)
+    got, captions = scst.rewards(tokenizer, ids, refs[:2], scorer, 2)
+    assert captions == texts
     expected = [[scorer.score("a red circle", refs[0]), scorer.score("a blue square", refs[0])],
                 [scorer.score("a blue square", refs[1]), scorer.score("a circle", refs[1])]]
     torch.testing.assert_close(got, torch.tensor(expected))
@@ -76,8 +93,7 @@ def test_sampled_batch_targets_end_at_the_first_end_token_and_rows_go_sample_maj
 
 def test_the_loss_is_minus_advantage_times_each_sampled_token_s_log_probability(no_dropout_model):
     model, processor, pixels = model_and_pixels(no_dropout_model)
-    torch.manual_seed(5)
-    ids = scst.sample(model, pixels, 3, max_length=10)
+    ids = scst.sample(model, pixels, 3, 10, scst.image_generators(5, 0, [0, 1], "cpu"))
     tok = processor.tokenizer
     batch = scst.sampled_batch(ids, pixels, 3, tok.sep_token_id, tok.pad_token_id)
     advantages = torch.tensor([[0.5, -1.0, 0.25], [2.0, 0.0, -0.75]])
@@ -95,3 +111,78 @@ def test_the_loss_is_minus_advantage_times_each_sampled_token_s_log_probability(
         torch.testing.assert_close(loss.detach(), expected, atol=1e-5, rtol=1e-5)
     loss.backward()
     assert all(p.grad is None or p.grad.isfinite().all() for p in model.parameters())
+
+
+# 89 scenes -> 80 train, 9 eval; 8 images a micro-batch, 2 a step, 3 samples each.
+SCST_RUN = ["--dataset", "synthetic", "--synthetic-size", "89", "--batch-size", "8", "--grad-accum", "2",
+            "--eval-batch-size", "4", "--learning-rate", "1e-4", "--precision", "fp32", "--max-steps", "4",
+            "--logging-steps", "2", "--save-steps", "4", "--eval-steps", "4", "--num-examples", "1",
+            "--objective", "scst", "--scst-samples", "3", "--scst-max-length", "20"]
+ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def test_an_scst_run_samples_with_one_encoder_pass_an_image_logs_its_rewards_and_says_so(trained_run, tmp_path,
+                                                                                         monkeypatch):
+    from transformers.models.git import modeling_git
+
+    encoded, forward = [], modeling_git.GitVisionEmbeddings.forward
+
+    def counted(self, pixel_values, *args, **kwargs):
+        encoded.append((self.training, len(pixel_values)))
+        return forward(self, pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_git.GitVisionEmbeddings, "forward", counted)
+    start, out = os.path.join(trained_run, "best"), tmp_path / "scst"
+    proc = in_process("train", *SCST_RUN, "--model", start, "--output-dir", str(out), env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    # Each step: both micro-batches' 8 images sampled 3 times over with one encoder pass each (eval
+    # mode), then the two loss passes (train mode), each encoding its 8 images once for 24 rows.
+    assert encoded[:16] == [(False, 8), (False, 8), (True, 8), (True, 8)] * 4
+    # the evaluation at step 4: 9 images, each batch encoded for the teacher-forced loss, then by generate
+    assert encoded[16:] == [(False, 4)] * 4 + [(False, 1)] * 2
+    logged = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert len(logged) == 2 and all("scst reward" in line and "% distinct" in line for line in logged)
+    events = EventAccumulator(str(out / "runs"))
+    events.Reload()
+    for name in ("reward", "baseline", "advantage_spread", "sample_length", "distinct_samples"):
+        values = [(e.step, e.value) for e in events.Scalars(f"train/scst_{name}")]
+        assert [s for s, _ in values] == [2, 4] and all(v >= 0 for _, v in values), name
+    assert 0 < events.Scalars("train/scst_reward")[0].value < 10  # CIDEr-D of a trained model's samples
+    assert 1 / 3 <= events.Scalars("train/scst_distinct_samples")[0].value <= 1
+    # best/ by CIDEr-D, the default with --objective scst; the card says how it was trained and from what
+    assert "best eval cider_d" in proc.stdout
+    card = (out / "best" / "README.md").read_text()
+    assert f"self-critical sequence training (SCST), starting from `{start}`" in card
+    assert "3 captions sampled per image" in card and '"objective": "scst"' in card
+
+
+def test_scst_s_bad_settings_are_one_line_errors(tmp_path, tiny_model_dir):
+    base = [*SCST_RUN, "--model", tiny_model_dir, "--output-dir", str(tmp_path / "run")]
+    for extra, says in ((["--scst-samples", "1"], "--scst-samples 1 with --scst-baseline mean"),
+                        (["--label-smoothing", "0.1"], "--label-smoothing smooths cross-entropy's targets"),
+                        (["--caption-sampling", "all"], "--caption-sampling all: --objective scst")):
+        proc = in_process("train", *base, *extra, env=ENV)
+        assert proc.returncode == 2 and says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, extra
+    # One sample an image is fine with the greedy baseline: the flags parse.
+    assert flags.parse_args([*base, "--scst-samples", "1", "--scst-baseline", "greedy"]).metric_for_best == "cider_d"
+
+    folder = tmp_path / "scenes"  # captions of punctuation alone: nothing for CIDEr-D to count
+    sources.write_imagefolder(synthetic.dataset(20, seed=4), str(folder))
+    rows = [json.loads(line) for line in open(folder / "metadata.jsonl")]
+    for row in rows[::2]:
+        row["text"] = "?!"
+    with open(folder / "metadata.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    # Such a row is a bad row, as in any run: left out and listed, or with --on-bad-sample error one line.
+    proc = in_process("train", *base, "--dataset", str(folder), "--no-cache", "--max-steps", "1", env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert len((tmp_path / "run" / "skipped.txt").read_text().splitlines()) == 10
+    proc = in_process("train", *base, "--dataset", str(folder), "--no-cache", "--on-bad-sample", "error",
+                      "--output-dir", str(tmp_path / "strict"), env=ENV)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and "caption '?!' in column 'text' has no words" in err[0], err
+    # SelfCritic itself, given references straight from Python, names the image it cannot reward.
+    args = flags.parse_args(base)
+    tokenizer = AutoProcessor.from_pretrained(tiny_model_dir).tokenizer
+    with pytest.raises(ValueError, match=r"training image 1 has no reference caption with a word in it \(\['\?!'\]\)"):
+        scst.SelfCritic([["a red circle"], ["?!"]], tokenizer, tokenizer.sep_token_id, args)
