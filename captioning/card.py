@@ -12,6 +12,13 @@ def generate_options(args):
     return f"max_length={args.gen_max_length}, num_beams={getattr(args, 'eval_num_beams', 1)}"
 
 
+def card_arguments(args):
+    """The training arguments a card lists; SCST's settings only for an SCST run."""
+    scst = getattr(args, "objective", None) == "scst"
+    return {k: getattr(args, k) for k in flags.CARD_FLAGS
+            if hasattr(args, k) and (scst or not k.startswith("scst_"))}
+
+
 def model_card(where, args, step, scores, data_sizes, repo_id=None):
     """README.md text for the model saved at `where` (loaded by that path, or by repo_id once pushed)."""
     name = repo_id or os.path.abspath(where)
@@ -65,5 +72,5 @@ def model_card(where, args, step, scores, data_sizes, repo_id=None):
               f"ids = model.generate(pixel_values=pixel_values, {generate_options(args)})",
               "print(processor.batch_decode(ids, skip_special_tokens=True)[0])", "```", "",
               "## Training arguments", "", "```json",
-              json.dumps({k: getattr(args, k) for k in flags.CARD_FLAGS if hasattr(args, k)}, indent=2), "```", ""]
+              json.dumps(card_arguments(args), indent=2), "```", ""]
     return "\n".join(header) + "\n" + "\n".join(lines)

@@ -159,7 +159,8 @@ FIXED_ON_RESUME = ("dataset", "image_root", "image_column", "text_column", "test
 NOT_COMPARED = ("resume", "overwrite_output_dir", "output_dir", "hub_model_id")
 
 
-CARD_FLAGS = ("dataset", "model", "objective", "scst_samples", "scst_baseline", "scst_max_length", "epochs", "max_steps", "learning_rate", "lr_schedule", "warmup_steps",
+CARD_FLAGS = ("dataset", "model", "objective", "scst_samples", "scst_baseline", "scst_max_length", "epochs",
+              "max_steps", "learning_rate", "lr_schedule", "warmup_steps",
               "weight_decay", "batch_size", "grad_accum", "max_grad_norm", "label_smoothing", "precision",
               "max_text_length",
               "caption_sampling", "freeze_vision", "gradient_checkpointing", "gen_max_length", "eval_num_beams", "seed")
