@@ -4,16 +4,22 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := demo-run
 
-.PHONY: test demo venv clean
+.PHONY: test demo venv clean java
 
 venv: $(VENV)/.installed
+
+# metrics.py --coco-eval runs pycocoevalcap's Java programs (METEOR, the PTB tokeniser), and its tests do:
+# installed from Debian's packages when no java is on PATH (as root, as CI runs).
+java:
+	@command -v java >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null; }
+	@java -version 2>&1 | head -1
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
-test: venv
+test: venv java
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 # A small GIT learns to caption drawn scenes from scratch, offline, on the CPU.

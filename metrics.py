@@ -3,6 +3,7 @@
     python metrics.py --predictions captions.jsonl --references refs.jsonl          # "name value" lines
     python metrics.py --predictions captions.jsonl --references refs.jsonl --json   # one JSON object
     python metrics.py --model OUT/best [--dataset D] [--split eval|train|NAME] [--num-beams N] [--output p.jsonl]
+    python metrics.py ... --coco-eval    # also the COCO caption evaluation's table (pycocoevalcap, Java)
 
 --model scores a saved model as train.py's evaluation does, with its code (scoring.py): the same
 split, generation settings and scores, defaults taken from the run that wrote the model. It also
@@ -53,6 +54,7 @@ def parse_args(argv=None):
                             'references), or an imagefolder\'s metadata.jsonl; images match by name or path ending, '
                             'and those without a prediction count as empty')
     p.add_argument("--json", action="store_true", help="print one JSON object instead of name value lines")
+    p.add_argument("--coco-eval", action="store_true", help=flags.COCO_EVAL_HELP)
     # Absent unless given, so that what was not given can come from the run's training_args.json.
     group = p.add_argument_group("scoring a model on a dataset, as train.py evaluates (defaults: the model "
                                  "folder's training_args.json, else train.py's defaults)")
@@ -68,7 +70,7 @@ def parse_args(argv=None):
         m(*ours.get("names", names), **{**kwargs, "dest": dest, "default": argparse.SUPPRESS,
                                         **{k: v for k, v in ours.items() if k != "names"}})
     args = p.parse_args(argv)
-    model_flags = sorted(set(vars(args)) - {"predictions", "references", "json"})
+    model_flags = sorted(set(vars(args)) - {"predictions", "references", "json", "coco_eval"})
     if hasattr(args, "model"):
         if args.predictions or args.references:
             p.error("--model scores a model; --predictions and --references score caption files: give one or the other")
@@ -214,21 +216,26 @@ def main(argv=None):
         from captioning import scoring
 
         return scoring.score_model(args)
-    from captioning.measures import NAMES, caption_scores  # jiwer and sacrebleu: after the flags are checked
+    from captioning.measures import caption_scores  # jiwer and sacrebleu: after the flags are checked
 
     unpredicted = []
     try:
-        scores = caption_scores(*load(args.predictions, args.references, unpredicted))
+        loaded = load(args.predictions, args.references, unpredicted)
     except InputError as e:
         cli.fail(str(e))
+    scores = caption_scores(*loaded)
     if unpredicted:
         n = len(unpredicted)
         print(f"warning: {n} image{'s' * (n != 1)} of {args.references} ha{'ve' if n != 1 else 's'} no prediction in "
               f"{args.predictions}, scored as empty captions: {shown_names(unpredicted)}", file=sys.stderr)
+    if args.coco_eval:
+        from captioning.coco_eval import coco_table
+
+        scores.update(coco_table(*loaded, note=lambda line: print(line, file=sys.stderr, flush=True)))
     if args.json:
         print(json.dumps(scores))
     else:
-        print("\n".join(f"{name} {scores[name]:.6f}" for name in NAMES))
+        print("\n".join(f"{name} {value:.6f}" for name, value in scores.items()))
     return 0
 
 

@@ -14,6 +14,7 @@ Reading order: main() -> setup() (run.py: the objects, in a Run; where to start,
 -> train() (the loop, one iteration an optimizer step) -> finish().
 """
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -186,13 +187,15 @@ def log_window(run, state, meter, grad_norm, bar):
 
 def evaluate_and_keep_best(run, state):
     """Score generated captions on the eval split; keep metrics.jsonl, and best/ when the score improved."""
-    from captioning import checkpoint, evaluation, measures
+    from captioning import checkpoint, coco_eval, evaluation, measures
     from captioning.training import written
 
     t0 = time.time()
     eval_loss, predictions = evaluation.evaluate(run.model, run.processor, run.eval_loader, run.device, run.amp_dtype,
                                       run.args.gen_max_length, run.world, run.args.eval_num_beams)
     scores = measures.evaluation_scores(predictions, run.eval_captions)
+    if run.args.coco_eval and run.rank == 0:  # its Java programs run once, not once a rank
+        scores.update(coco_eval.coco_table(predictions, run.eval_captions, note=say_once))
     show_evaluation(run, state.step, eval_loss, scores, predictions, time.time() - t0)
     state.history.append({"step": state.step, "eval_loss": eval_loss, **scores})
     metric, value, best = run.args.metric_for_best, state.history[-1][run.args.metric_for_best], state.best
@@ -211,6 +214,11 @@ def evaluate_and_keep_best(run, state):
                     args_json=json.dumps(vars(run.args), indent=2))
 
 
+COCO_SHOWN = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")  # on the log line; all of them in TensorBoard
+# A missing COCO score is said once a run, not at every evaluation.
+say_once = functools.cache(say)
+
+
 def show_evaluation(run, step, eval_loss, scores, predictions, seconds):
     """An evaluation's scores and first examples: the terminal, and TensorBoard's scalars, images and text."""
     from captioning import measures, report
@@ -221,8 +229,9 @@ def show_evaluation(run, step, eval_loss, scores, predictions, seconds):
     for name, value in scores.items():
         writer.add_scalar(f"eval/{name}", value, step)
     shown = range(min(run.args.num_examples, len(predictions)))
+    coco = " ".join(f"{name} {scores[name]:.4f}" for name in COCO_SHOWN if name in scores)
     lines = [f"eval step {step}: loss {eval_loss:.4f} | wer {scores['wer']:.4f} | cer {scores['cer']:.4f} "
-             f"| distinct {scores['distinct_captions']:.2f} | {seconds:.1f}s"]
+             f"| distinct {scores['distinct_captions']:.2f}" + (f" | COCO {coco}" if coco else "") + f" | {seconds:.1f}s"]
     collapsed = measures.collapse_warning(predictions, refs)
     if collapsed:
         lines.append(collapsed)

@@ -42,6 +42,11 @@ def objective_problem(args):
     return None
 
 
+COCO_EVAL_HELP = ("also compute the COCO caption evaluation's table, the scores papers report (BLEU-1..4, METEOR, "
+                  "ROUGE-L, CIDEr, SPICE), with pycocoevalcap itself; METEOR, SPICE and its tokeniser need Java "
+                  "(README: Scoring)")
+
+
 def declarations():
     """{dest: (option strings, add_argument's keywords)} of train.py's flags, as declare() declares
     them: metrics.py --model takes some of them, with their types, choices and help."""
@@ -120,6 +125,7 @@ def declare(a):
     a("--gen-max-length", type=cli.positive_int, default=50, help="max_length for model.generate at evaluation")
     a("--eval-num-beams", type=cli.positive_int, default=1,
       help="beams for model.generate at evaluation (1: greedy); metrics.py --model takes the same by default")
+    a("--coco-eval", action="store_true", help=COCO_EVAL_HELP)
     a("--metric-for-best", choices=tuple(LOWER_IS_BETTER) + ("bleu4", "rouge_l", "cider_d"), default=None,
       help="the evaluation score that picks best/ (and the checkpoint always kept); default: wer, or cider_d "
            "with --objective scst")

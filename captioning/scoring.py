@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from captioning import checkpoint, cli, decode, evaluation, flags, image_cache, runtime, sources, training
+from captioning import checkpoint, cli, coco_eval, decode, evaluation, flags, image_cache, runtime, sources, training
 from captioning.errors import DataError, ModelLoadError
 from captioning.gitmodel import load_model, resolve_model
 from captioning.hub import looks_like_path, offline_unless_needed
@@ -52,6 +52,8 @@ def score_model(given):
     warning = collapse_warning(predictions, references)
     if warning:
         note(warning)
+    if settings.coco_eval:
+        scores.update(coco_eval.coco_table(predictions, references, note))
     if hasattr(given, "output"):
         write_predictions(given.output, labels, predictions, references)
     print_scores(scores, given.json)

@@ -300,3 +300,69 @@ def test_model_output_that_cannot_be_written_fails_before_anything_loads(tmp_pat
     ok.mkdir()
     metrics.check_output(str(ok / "p.jsonl"))  # creates and removes the temporary file write_predictions uses
     assert os.listdir(ok) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The COCO caption evaluation's table (--coco-eval): pycocoevalcap itself, Java included
+
+# Casing, punctuation and a contraction for the PTB tokeniser to work on; an empty prediction too.
+COCO_PREDS = ["A red circle, on the left!", "two blue squares", "the triangle's green", "", "a circle.",
+              "A yellow star above a red circle", "a red circle on the left"]
+
+
+def coco_files(tmp_path):
+    p = write_jsonl(tmp_path / "p.jsonl", [{"image": f"{i}.png", "caption": c} for i, c in enumerate(COCO_PREDS)])
+    r = write_jsonl(tmp_path / "r.jsonl", [{"image": f"{i}.png", "captions": refs} for i, refs in enumerate(REFS)])
+    return p, r
+
+
+def test_the_coco_table_equals_pycocoevalcap_run_by_hand(tmp_path):
+    """metrics.py --coco-eval against the COCO caption evaluation's own steps, written out here: PTB
+    tokenisation of both sides, then its BLEU, METEOR, ROUGE-L and CIDEr scorers. Java is needed
+    (make test installs it); offline, SPICE cannot fetch its CoreNLP models and is said missing."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    p, r = coco_files(tmp_path)
+    out = run_cli("--predictions", p, "--references", r, "--coco-eval", "--json")
+    assert out.returncode == 0, out.stderr
+    ours = json.loads(out.stdout)
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({i: [{"caption": c} for c in refs] for i, refs in enumerate(REFS)})
+    res = tokenizer.tokenize({i: [{"caption": c}] for i, c in enumerate(COCO_PREDS)})
+    expected = dict(zip(("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"), Bleu(4).compute_score(gts, res, verbose=0)[0]))
+    expected["METEOR"] = Meteor().compute_score(gts, res)[0]
+    expected["ROUGE_L"] = Rouge().compute_score(gts, res)[0]
+    expected["CIDEr"] = Cider().compute_score(gts, res)[0]
+    assert {k: ours[k] for k in expected} == pytest.approx(expected, abs=1e-12)
+    assert 0 < expected["METEOR"] < 1 and expected["Bleu_4"] > 0
+    # our own five scores come first and are unchanged
+    assert {k: ours[k] for k in measures.NAMES} == pytest.approx(caption_scores(COCO_PREDS, REFS))
+    if "SPICE" not in ours:  # no network here: one line says so, nothing else is on stderr
+        assert re.fullmatch(r"COCO table: SPICE not computed: it needs Stanford CoreNLP .*download failed .*\n",
+                            out.stderr), out.stderr
+    # name value lines: the same numbers
+    out = run_cli("--predictions", p, "--references", r, "--coco-eval")
+    lines = dict(line.split() for line in out.stdout.splitlines())
+    assert list(lines)[:5] == list(measures.NAMES) and float(lines["METEOR"]) == pytest.approx(ours["METEOR"], abs=1e-6)
+
+
+def test_without_java_the_coco_table_names_what_is_missing_and_gives_the_rest(tmp_path):
+    """No java on PATH: one line names METEOR and SPICE (and the tokeniser's fallback); BLEU, ROUGE-L and CIDEr
+    are pycocoevalcap's on our normalised words."""
+    from pycocoevalcap.cider.cider import Cider
+
+    p, r = coco_files(tmp_path)
+    out = subprocess.run([sys.executable, METRICS, "--predictions", p, "--references", r, "--coco-eval", "--json"],
+                         capture_output=True, text=True, env={**os.environ, "PATH": os.path.dirname(sys.executable)})
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("\n") == 1 and "METEOR and SPICE not computed: they need Java" in out.stderr
+    ours = json.loads(out.stdout)
+    assert "METEOR" not in ours and "SPICE" not in ours and "Traceback" not in out.stderr
+    gts = {i: [normalize(c) for c in refs] for i, refs in enumerate(REFS)}
+    res = {i: [normalize(c)] for i, c in enumerate(COCO_PREDS)}
+    assert ours["CIDEr"] == pytest.approx(Cider().compute_score(gts, res)[0], abs=1e-12)
+    assert {"Bleu_1", "Bleu_4", "ROUGE_L"} <= set(ours)

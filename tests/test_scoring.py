@@ -2,6 +2,7 @@
 evaluation; the warning for a model that writes one caption for every image."""
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -142,22 +143,28 @@ def train_model(run_dir):
 # ---------------------------------------------------------------------------------------------
 # --eval-num-beams in train.py
 
-def test_train_evaluates_with_beams_and_its_card_and_metrics_py_say_so(tmp_path, tiny_model_dir):
+def test_train_evaluates_with_beams_and_its_card_and_metrics_py_say_so(tmp_path, tiny_model_dir, capsys):
+    """Also --coco-eval: the COCO table at each evaluation, in metrics.jsonl, equal to metrics.py's."""
     out = tmp_path / "run"
     train.main(["--dataset", "synthetic", "--synthetic-size", "120", "--model", tiny_model_dir, "--output-dir",
                 str(out), "--batch-size", "16", "--grad-accum", "1", "--learning-rate", "1e-3", "--precision", "fp32",
                 "--max-steps", "6", "--eval-steps", "3", "--save-steps", "6", "--gen-max-length", "20",
-                "--eval-num-beams", "2"])
+                "--eval-num-beams", "2", "--coco-eval"])
     logged = rows(out / "metrics.jsonl")
     assert [h["step"] for h in logged] == [3, 6] and all(0 < h["distinct_captions"] <= 1 for h in logged)
+    assert all({"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"} <= set(h) for h in logged)
+    said = capsys.readouterr().out
+    assert len(re.findall(r"eval step \d+: .* \| COCO Bleu_4 [0-9.]+ METEOR [0-9.]+ ROUGE_L [0-9.]+ CIDEr", said)) == 2
+    assert said.count("SPICE not computed") <= 1  # said once a run, if at all
     card = (out / "best" / "README.md").read_text()
     assert card.count("max_length=20, num_beams=2") == 2  # the evaluation text and the usage snippet
     assert '"eval_num_beams": 2' in card and '"gen_max_length": 20' in card
     assert json.load(open(out / "best" / "training_args.json"))["eval_num_beams"] == 2
     # metrics.py takes the run's beams, length and precision from best/ and reports what the run did
-    scores, err = scored("--model", out / "best")
+    scores, err = scored("--model", out / "best", "--coco-eval")
     assert "--num-beams 2" in err and "--max-length 20" in err and "--precision fp32" in err
     assert scores["wer"] == pytest.approx(best_evaluation(out)["wer"], abs=1e-4)
+    assert scores["CIDEr"] == pytest.approx(best_evaluation(out)["CIDEr"], abs=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
