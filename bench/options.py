@@ -1,4 +1,5 @@
-"""What --freeze-vision, --gradient-checkpointing and --caption-sampling all cost and save, at git-base size.
+"""What --freeze-vision, --gradient-checkpointing, --caption-sampling all and --objective scst cost and
+save, at git-base size.
 
     python bench/options.py                  # git-base architecture (random weights), about 10 min on 2 cores
     python bench/options.py --quick          # the tiny model, a few steps of each: for the tests
@@ -8,7 +9,9 @@ bench/timed.py (which stamps the end of every optimizer step and records the pea
 memory), one after the other: nothing else should run on the machine meanwhile. The data are
 synthetic scenes with five captions each (like COCO), so that every configuration trains on 20
 caption rows a step: 20 images with one caption drawn each (`one`, today's default), or 4 images
-with all five (`all`, one image-encoder pass for five captions). Speed is taken over the steps
+with all five (`all`, one image-encoder pass for five captions), or 4 images with five sampled
+captions each (`scst`: sampling, rewards and the weighed loss; a model with random weights rarely
+samples the end token, so its samples run to --scst-max-length). Speed is taken over the steps
 after the first few; peak memory is the process's resident high-water mark when its last
 optimizer step ended (before the final evaluation and save).
 """
@@ -16,6 +19,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -29,17 +33,21 @@ from captioning import sources  # noqa: E402
 
 from bench import OURS_SPEED, machine_info, step_speed  # noqa: E402
 
-# name -> (train.py flags, images per micro-batch); all with 20 caption rows a step.
-CONFIGS = {
-    "one": ([], 20),  # 20 images, one caption drawn each: full fine-tuning as by default
-    "freeze-vision": (["--freeze-vision"], 20),
-    "gradient-checkpointing": (["--gradient-checkpointing"], 20),
-    "all": (["--caption-sampling", "all"], 4),  # 4 images x their 5 captions
-    # The attention implementations (README: Attention), full fine-tuning as "one".
-    "attention-eager": (["--attention", "eager"], 20),
-    "attention-sdpa": (["--attention", "sdpa"], 20),
-}
 CAPTIONS_PER_IMAGE = 5
+SCST_MAX_LENGTH = 20  # tokens: about the length of the scenes' captions (15-22 with the image tokens' [CLS])
+# name -> (train.py flags, images per micro-batch, caption rows per image); all with 20 caption rows a step.
+CONFIGS = {
+    "one": ([], 20, 1),  # 20 images, one caption drawn each: full fine-tuning as by default
+    "freeze-vision": (["--freeze-vision"], 20, 1),
+    "gradient-checkpointing": (["--gradient-checkpointing"], 20, 1),
+    "all": (["--caption-sampling", "all"], 4, CAPTIONS_PER_IMAGE),  # 4 images x their 5 captions
+    # 4 images x 5 samples of the model's own
+    "scst": (["--objective", "scst", "--scst-samples", str(CAPTIONS_PER_IMAGE), "--scst-max-length",
+              str(SCST_MAX_LENGTH)], 4, CAPTIONS_PER_IMAGE),
+    # The attention implementations (README: Attention), full fine-tuning as "one".
+    "attention-eager": (["--attention", "eager"], 20, 1),
+    "attention-sdpa": (["--attention", "sdpa"], 20, 1),
+}
 
 
 def parse_args(argv=None):
@@ -87,7 +95,7 @@ def prepare(args):
 
 
 def run_config(args, name, data_dir, model_dir):
-    flags, batch = CONFIGS[name]
+    flags, batch, rows_per_image = CONFIGS[name]
     out_dir = os.path.join(args.work_dir, "runs", f"options-{name}")
     timing_path, log_path = out_dir + ".timing.json", os.path.join(args.work_dir, "logs", f"options-{name}.log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
@@ -108,7 +116,7 @@ def run_config(args, name, data_dir, model_dir):
         return {"error": f"exit status {status}, see {log_path}"}
     with open(timing_path) as f:
         timing = json.load(f)
-    captions_per_step = batch * (CAPTIONS_PER_IMAGE if "all" in flags else 1)
+    captions_per_step = batch * rows_per_image
     result = {"flags": flags, "images_per_step": batch, "captions_per_step": captions_per_step,
               **step_speed(timing["step_times"], captions_per_step, args.skip_first),
               "peak_rss_mib_at_last_step": round(timing["peak_rss_mib_self_at_last_step"] or 0)}
@@ -117,6 +125,10 @@ def run_config(args, name, data_dir, model_dir):
         found = OURS_SPEED.findall(f.read())
     if found:
         result["train_py_images_per_second"] = float(found[-1][0])
+    with open(log_path) as f:
+        lengths = re.findall(r"sample length ([0-9.]+) tokens", f.read())
+    if lengths:
+        result["scst_sample_length"] = float(lengths[-1])
     print(f"  {result.get('seconds_per_step', 0):.3f} s/step, {result.get('captions_per_second') or 0:.2f} captions/s, "
           f"peak RSS {result['peak_rss_mib_at_last_step']} MiB", flush=True)
     return result

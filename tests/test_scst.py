@@ -186,3 +186,22 @@ def test_scst_s_bad_settings_are_one_line_errors(tmp_path, tiny_model_dir):
     tokenizer = AutoProcessor.from_pretrained(tiny_model_dir).tokenizer
     with pytest.raises(ValueError, match=r"training image 1 has no reference caption with a word in it \(\['\?!'\]\)"):
         scst.SelfCritic([["a red circle"], ["?!"]], tokenizer, tokenizer.sep_token_id, args)
+
+
+def test_scst_with_fp16_and_a_frozen_image_encoder(trained_run, tmp_path):
+    """fp16 autocast + GradScaler (the CUDA default, on the CPU here) and --freeze-vision under SCST: the
+    samples' loss trains the text side while the image encoder's weights stay bit-identical."""
+    from safetensors.torch import load_file
+
+    start, out = os.path.join(trained_run, "best"), tmp_path / "scst"
+    argv = [*SCST_RUN, "--model", start, "--output-dir", str(out), "--precision", "fp16", "--freeze-vision",
+            "--max-steps", "2", "--save-steps", "2", "--eval-steps", "2", "--batch-size", "4"]
+    proc = in_process("train", *argv, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert "fp16" in proc.stdout and "scst reward" in proc.stdout
+    before, after = load_file(os.path.join(start, "model.safetensors")), load_file(str(out / "checkpoint-2" / "model.safetensors"))
+    vision = [k for k in before if k.startswith("git.image_encoder.")]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("git.encoder."))
+    state = torch.load(out / "checkpoint-2" / "training_state.pt", weights_only=True)
+    assert state["scaler"]["scale"] > 0  # the GradScaler ran and its state is kept for a resume
