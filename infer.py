@@ -136,19 +136,11 @@ def caption_inputs(args):
     hub.offline_unless_needed(args.model)
     # Heavy imports after argument parsing, so --help and flag errors answer at once.
     import torch
-    import transformers
 
-    from captioning.captioner import captioned, expand_inputs, load, loader, reader_for
-    from captioning.errors import ModelLoadError
+    from captioning.captioner import captioned, expand_inputs, load_for_command, loader, reader_for
     from captioning.output_file import Output, ResumeRefused, run_settings
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    try:
-        model, processor, device, amp_dtype = load(args.model, args.device, args.precision, args.trust_remote_code,
-                                                   args.attention)
-    except (ModelLoadError, ValueError) as e:
-        cli.fail(str(e))
+    model, processor, device, amp_dtype = load_for_command(args)
 
     if device.type == "cpu" and args.num_workers:
         # generate's many small ops wait on every thread at each step: a thread that shares its core

@@ -8,10 +8,11 @@ import os
 import urllib.request
 
 import torch
+import transformers
 
 from captioning import cli, decode, runtime, workers
 from captioning.decode import draft_size
-from captioning.errors import DataError
+from captioning.errors import DataError, ModelLoadError
 from captioning.gitmodel import load_model, resolve_model
 from captioning.strings import shown_name
 
@@ -149,6 +150,17 @@ def load(name, device_name="auto", precision="auto", trust_remote_code=False, at
                                   attention=runtime.pick_attention(attention, device))
     model.to(device).eval()
     return model, processor, device, amp_dtype
+
+
+def load_for_command(args):
+    """load() for a command's --model, --device, --precision, --trust-remote-code and --attention, with
+    transformers' own logging quiet; a model that cannot be loaded is one line and exit status 2."""
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        return load(args.model, args.device, args.precision, args.trust_remote_code, args.attention)
+    except (ModelLoadError, ValueError) as e:
+        cli.fail(str(e))
 
 
 def generation_options(max_length=50, num_beams=1, do_sample=False, temperature=1.0, top_p=1.0, num_captions=1):

@@ -7,6 +7,7 @@ an image that would decode to more pixels than --max-image-pixels is refused bef
 import contextlib
 import io
 import os
+import re
 import stat
 
 import numpy as np
@@ -75,7 +76,8 @@ def open_image(source, draft=None, max_pixels=MAX_IMAGE_PIXELS):
     except Image.DecompressionBombError as e:
         raise DataError(f"{name}: refused, too many pixels ({e})") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{name}: not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e).splitlines()[0]) if str(e) else type(e).__name__
+        raise DataError(f"{name}: not a readable image ({reason})") from None
 
 
 def regular_file(path):

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT
 
-COMMANDS = ("train", "infer", "data", "metrics")
+COMMANDS = ("train", "infer", "data", "metrics", "serve")
 PACKAGE = "captioning"
 # The package's leaves: what the commands import before their flags are checked.
 LEAVES = ("errors", "cli", "strings", "hub", "workers", "progress", "flags", "presets")
@@ -129,7 +129,8 @@ def test_no_function_is_over_80_lines():
 
 # A flag error of each command that argparse or its own checks catch before anything loads.
 BAD_FLAGS = {"train": ["--epochs", "-1"], "infer": ["x.png", "--num-beams", "0"],
-             "data": ["stats", "--dataset", "x", "--test-size", "2"], "metrics": ["--predictions", "p.jsonl"]}
+             "data": ["stats", "--dataset", "x", "--test-size", "2"], "metrics": ["--predictions", "p.jsonl"],
+             "serve": ["--max-wait-ms", "-1"]}
 PROBE = """
 import runpy, sys
 sys.argv = sys.argv[1:]

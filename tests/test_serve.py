@@ -1,0 +1,215 @@
+"""serve.py as a real process on a free loopback port: good and bad requests, the API key, the
+captions infer.py writes for the same images (batched or one at a time), /metrics, and the
+graceful stop with a request in flight. Every request goes to 127.0.0.1, with a timeout."""
+import base64
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+from PIL import Image
+
+from captioning import synthetic
+from conftest import ROOT, in_process
+
+KEY = "test-key-" + uuid.uuid4().hex
+MAX_UPLOAD_MB = 0.25  # 262,144 bytes: a noise PNG of 400 x 400 is over it
+MAX_PIXELS = 200_000  # a 500 x 500 image is refused
+TIMEOUT = 120
+
+
+class Server:
+    def __init__(self, process, url):
+        self.process, self.url = process, url
+
+    def request(self, path, data=None, content_type=None, key=KEY, method=None):
+        """(status, parsed JSON or text, headers)."""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        if content_type:
+            headers["Content-Type"] = content_type
+        req = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+                status, body, got = r.status, r.read(), r.headers
+        except urllib.error.HTTPError as e:
+            status, body, got = e.code, e.read(), e.headers
+        text = body.decode()
+        return status, json.loads(text) if got.get("Content-Type", "").startswith("application/json") else text, got
+
+    def upload(self, *files, key=KEY):
+        """POST /caption with multipart "image" fields: (name, bytes) each."""
+        boundary = uuid.uuid4().hex
+        parts = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+                         f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n"
+                         for name, data in files)
+        return self.request("/caption", parts + f"--{boundary}--\r\n".encode(),
+                            f"multipart/form-data; boundary={boundary}", key=key)
+
+
+def start_server(model, *flags, env=None):
+    """serve.py on a free port (--port 0), once it says it is ready."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--model", model, "--port", "0",
+                             "--max-length", "12", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    line = proc.stdout.readline()  # blocks until the ready line, or the end of output if it failed
+    found = re.search(r"on (http://127\.0\.0\.1:\d+) ", line)
+    if not found:
+        proc.kill()
+        pytest.fail(f"serve.py did not start: {line!r} {proc.stderr.read()}")
+    return Server(proc, found.group(1))
+
+
+def stop(server):
+    server.process.send_signal(signal.SIGTERM)
+    try:
+        return server.process.wait(TIMEOUT)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+
+
+def png(image):
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve-scenes")
+    paths = []
+    for i in range(6):
+        path = folder / f"scene-{i}.png"
+        synthetic.scene(31, i)[0].save(path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    s = start_server(tiny_model_dir, "--max-upload-mb", str(MAX_UPLOAD_MB), "--max-image-pixels", str(MAX_PIXELS),
+                     "--max-batch-size", "4", "--max-wait-ms", "50", env={"GIT_CAPTION_API_KEY": KEY})
+    yield s
+    assert stop(s) == 0
+    assert "Traceback" not in s.process.stderr.read()
+
+
+def infer_captions(model, paths, *flags):
+    out = in_process("infer", "--model", model, "--max-length", "12", "--json", *flags, *paths)
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line)["caption"] for line in out.stdout.splitlines()]
+
+
+def test_captions_equal_infer_py_s_batched_or_one_at_a_time(server, scenes, tiny_model_dir):
+    one_by_one = infer_captions(tiny_model_dir, scenes, "--batch-size", "1", "--num-workers", "0")
+    # one request of six images: they go to the model in batches of up to 4
+    status, body, _ = server.upload(*((os.path.basename(p), open(p, "rb").read()) for p in scenes))
+    assert status == 200, body
+    assert [r["image"] for r in body["images"]] == [os.path.basename(p) for p in scenes]
+    assert [r["caption"] for r in body["images"]] == one_by_one and all(r["error"] is None for r in body["images"])
+    # six requests at once, one image each; and JSON with base64
+    results = [None] * len(scenes)
+
+    def send(k):
+        results[k] = server.upload((f"{k}.png", open(scenes[k], "rb").read()))
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(len(scenes))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert [r[1]["images"][0]["caption"] for r in results] == one_by_one
+    data = base64.b64encode(open(scenes[0], "rb").read()).decode()
+    status, body, _ = server.request("/caption", json.dumps({"data": data}).encode(), "application/json")
+    assert status == 200 and body["images"][0]["caption"] == one_by_one[0] and body["seconds"] > 0
+    # the batch sizes the model ran, in /metrics: some batch held more than one image
+    status, text, headers = server.request("/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    sizes = {float(le): int(n) for le, n in re.findall(r'caption_batch_size_bucket\{le="([0-9.]+)"\} (\d+)', text)}
+    total = int(re.search(r"caption_batch_size_count (\d+)", text).group(1))
+    assert total >= 1 and sizes[1.0] < total  # not every batch was a single image
+    assert re.search(r'caption_requests_total\{status="200"\} (\d+)', text)
+    assert re.search(r"caption_queue_depth \d+", text)
+
+
+def test_each_bad_input_is_a_4xx_naming_it_and_a_bad_image_leaves_the_others(server, scenes):
+    good = ("good.png", open(scenes[0], "rb").read())
+    noise = Image.frombytes("RGB", (400, 400), os.urandom(400 * 400 * 3))
+    cases = [
+        (server.upload(("notes.txt", b"not an image at all")), 422, "notes.txt: not a readable image"),
+        (server.upload(("cut.png", good[1][: len(good[1]) // 2])), 422, "cut.png: not a readable image"),
+        (server.upload(("huge.png", png(Image.new("RGB", (500, 500))))), 422, "too many pixels"),
+        (server.upload(("noise.png", png(noise))), 413, "over --max-upload-mb"),
+        (server.request("/caption", json.dumps({"url": "http://127.0.0.1:9/none.png"}).encode(), "application/json"),
+         422, "http://127.0.0.1:9/none.png: download failed"),
+        (server.request("/caption", json.dumps({"url": "ftp://x/y.png"}).encode(), "application/json"), 422,
+         "not an http(s) URL"),
+        (server.request("/caption", json.dumps({"data": "@@@"}).encode(), "application/json"), 422, "not valid base64"),
+        (server.request("/caption", json.dumps({"picture": "x"}).encode(), "application/json"), 422,
+         "no image in the request"),
+        (server.request("/caption", b"{not json", "application/json"), 400, "not JSON"),
+        (server.request("/caption", b"hello", "text/plain"), 415, "Content-Type 'text/plain' is not accepted"),
+    ]
+    for (status, body, _), expected, needle in cases:
+        assert status == expected and needle in body["error"], (status, body)
+    # one bad image among good ones: the others are captioned, the bad one carries its reason
+    status, body, _ = server.upload(good, ("notes.txt", b"nothing"), good)
+    assert status == 200
+    assert [r["error"] is None for r in body["images"]] == [True, False, True]
+    assert body["images"][0]["caption"] and body["images"][1]["caption"] is None
+
+
+def test_without_the_key_only_health_and_the_page_answer(server):
+    for path, method in (("/caption", "POST"), ("/metrics", "GET"), ("/docs", "GET"), ("/openapi.json", "GET")):
+        for key in (None, "wrong-key"):
+            status, body, headers = server.request(path, b"" if method == "POST" else None, key=key, method=method)
+            assert status == 401 and "API key" in body["error"] and headers["WWW-Authenticate"] == "Bearer", path
+    assert server.request("/health", key=None)[:2] == (200, {"status": "ready"})
+    status, page, _ = server.request("/", key=None)
+    assert status == 200 and 'id="file"' in page and "Copy as alt text" in page and "http" not in page.split("<script>")[1]
+    status, docs, _ = server.request("/openapi.json")
+    assert status == 200 and "/caption" in docs["paths"]
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits_0(tiny_model_dir, scenes):
+    s = start_server(tiny_model_dir, "--max-batch-size", "1")
+    images = [(f"{k}.png", open(scenes[k % len(scenes)], "rb").read()) for k in range(24)]
+    answer = {}
+    sender = threading.Thread(target=lambda: answer.update(result=s.upload(*images, key=None)))
+    sender.start()
+    # the request is in flight once the model has images queued from it
+    for _ in range(10_000):
+        status, text, _ = s.request("/metrics", key=None)
+        if re.search(r"caption_queue_depth [1-9]", text):
+            break
+    else:
+        pytest.fail("the request never reached the queue")
+    s.process.send_signal(signal.SIGTERM)
+    sender.join(TIMEOUT)
+    status, body, _ = answer["result"]
+    assert status == 200 and all(r["caption"] for r in body["images"]) and len(body["images"]) == 24
+    assert s.process.wait(TIMEOUT) == 0
+    assert "stopped: requests in flight were answered" in s.process.stderr.read()
+
+
+def test_bad_flags_and_a_busy_port_are_one_line(tiny_model_dir):
+    out = in_process("serve", "--model", tiny_model_dir, "--max-batch-size", "0")
+    assert out.returncode == 2 and "--max-batch-size" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        out = in_process("serve", "--model", tiny_model_dir, "--port", str(port))
+    assert out.returncode == 2 and f"--port {port}: cannot listen there" in out.stderr
+    out = in_process("serve", "--model", "/no/such/model", "--port", "0")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
