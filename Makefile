@@ -4,22 +4,19 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := demo-run
 
-.PHONY: test demo venv clean java
+.PHONY: test demo venv clean system-packages
 
 venv: $(VENV)/.installed
 
-# metrics.py --coco-eval runs pycocoevalcap's Java programs (METEOR, the PTB tokeniser), and its tests do:
-# installed from Debian's packages when no java is on PATH (as root, as CI runs).
-java:
-	@command -v java >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null; }
-	@java -version 2>&1 | head -1
+# From Debian's packages, when missing (as root, as CI runs): a Java runtime for pycocoevalcap's METEOR and
+# PTB tokeniser (metrics.py --coco-eval), and Chromium with its WebDriver for serve.py's page test.
+system-packages:
+	@missing=""; command -v java >/dev/null || missing="default-jre-headless"; \
+	 [ -x /usr/bin/chromium ] || missing="$$missing chromium"; [ -x /usr/bin/chromedriver ] || missing="$$missing chromium-driver"; \
+	 if [ -n "$$missing" ]; then echo "installing$$missing"; apt-get update -qq && \
+	   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
-	touch $@
-
-test: venv java
+test: venv system-packages
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 # A small GIT learns to caption drawn scenes from scratch, offline, on the CPU.

@@ -213,3 +213,89 @@ def test_bad_flags_and_a_busy_port_are_one_line(tiny_model_dir):
     assert out.returncode == 2 and f"--port {port}: cannot listen there" in out.stderr
     out = in_process("serve", "--model", "/no/such/model", "--port", "0")
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The page, in a real headless browser (Debian's chromium and chromium-driver; make test installs them)
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+ELEMENT = "element-6066-11e4-a52e-4f735466cecf"  # the W3C WebDriver key of an element reference
+
+
+class Browser:
+    """Just enough of the W3C WebDriver protocol, spoken to chromedriver over loopback."""
+
+    def __init__(self, port):
+        self.base = f"http://127.0.0.1:{port}"
+        caps = {"browserName": "chrome", "goog:chromeOptions": {
+            "binary": CHROMIUM, "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=800,900"]}}
+        self.session = self.call("POST", "/session", {"capabilities": {"alwaysMatch": caps}})["sessionId"]
+
+    def call(self, method, path, body=None):
+        req = urllib.request.Request(self.base + path, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method=method)
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+            return json.loads(r.read())["value"]
+
+    def do(self, method, path, body=None):
+        return self.call(method, f"/session/{self.session}{path}", body)
+
+    def element(self, css):
+        return self.do("POST", "/element", {"using": "css selector", "value": css})[ELEMENT]
+
+    def type(self, css, text):
+        self.do("POST", f"/element/{self.element(css)}/value", {"text": text})
+
+    def text(self, css):
+        return self.do("GET", f"/element/{self.element(css)}/text")
+
+    def close(self):
+        self.do("DELETE", "")
+
+
+@pytest.fixture
+def browser():
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip("needs Debian's chromium and chromium-driver (make test installs them)")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    driver = subprocess.Popen([CHROMEDRIVER, f"--port={port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(10_000):  # until chromedriver answers on its port
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as r:
+                    if json.loads(r.read())["value"]["ready"]:
+                        break
+            except OSError:
+                if driver.poll() is not None:
+                    pytest.fail("chromedriver exited")
+        b = Browser(port)
+        yield b
+        b.close()
+    finally:
+        driver.kill()
+        driver.wait()
+
+
+def test_the_page_captions_a_chosen_image_in_a_real_browser(server, scenes, tiny_model_dir, browser, tmp_path):
+    expected = infer_captions(tiny_model_dir, scenes[:1])[0]
+    browser.do("POST", "/url", {"url": server.url + "/"})
+    browser.type("#key", KEY)  # this server wants the key: the page sends what is typed here
+    browser.type("#file", scenes[0])
+    for _ in range(2_000):  # until the caption (or an error) is on the page
+        shown, problem = browser.text("#caption"), browser.text("#error")
+        if problem or (shown and "Writing" not in shown):
+            break
+    assert problem == "" and shown == expected
+    assert browser.do("POST", "/execute/sync", {"script": "return document.getElementById('preview').alt",
+                                                 "args": []}) == expected
+    assert browser.do("POST", "/execute/sync", {"script": "return document.getElementById('copy').disabled",
+                                                 "args": []}) is False
+    shot = tmp_path / "page.png"
+    shot.write_bytes(base64.b64decode(browser.do("GET", "/screenshot")))
+    assert Image.open(shot).size[0] > 0
+    if os.environ.get("SERVE_SCREENSHOT"):  # the README's picture: SERVE_SCREENSHOT=path pytest -k real_browser
+        shot.replace(os.environ["SERVE_SCREENSHOT"])
