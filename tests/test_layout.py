@@ -1,4 +1,4 @@
-"""The floor plan the README's Layout section draws: the four commands at the top over one package,
+"""The floor plan the README's Layout section draws: the five commands at the top over one package,
 imports pointing one way (commands -> package -> its leaves), no circle, short functions, and
 every command's --help and flag errors answered before torch is imported."""
 import ast

@@ -2,11 +2,13 @@
 captions infer.py writes for the same images (batched or one at a time), /metrics, and the
 graceful stop with a request in flight. Every request goes to 127.0.0.1, with a timeout."""
 import base64
+import contextlib
 import io
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -203,8 +205,6 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(tiny_model_dir, sce
 def test_bad_flags_and_a_busy_port_are_one_line(tiny_model_dir):
     out = in_process("serve", "--model", tiny_model_dir, "--max-batch-size", "0")
     assert out.returncode == 2 and "--max-batch-size" in out.stderr and len(out.stderr.strip().splitlines()) == 1
-    import socket
-
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
@@ -257,8 +257,6 @@ class Browser:
 def browser():
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         pytest.skip("needs Debian's chromium and chromium-driver (make test installs them)")
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -299,3 +297,76 @@ def test_the_page_captions_a_chosen_image_in_a_real_browser(server, scenes, tiny
     assert Image.open(shot).size[0] > 0
     if os.environ.get("SERVE_SCREENSHOT"):  # the README's picture: SERVE_SCREENSHOT=path pytest -k real_browser
         shot.replace(os.environ["SERVE_SCREENSHOT"])
+
+
+# ---------------------------------------------------------------------------------------------
+# A full queue and a late request: the app over a stand-in model that is held inside generate
+
+class HeldModel:
+    """server.Captioner's two methods; run_batch waits until released."""
+
+    def __init__(self):
+        self.inside, self.release = threading.Event(), threading.Event()
+
+    def pixels(self, name, source):
+        return name
+
+    def run_batch(self, names):
+        self.inside.set()
+        self.release.wait(TIMEOUT)
+        return [f"caption of {n}" for n in names]
+
+
+@contextlib.contextmanager
+def app_in_thread(model, settings):
+    """server.create_app over `model`, served by uvicorn in a thread on a free loopback port: a Server."""
+    import uvicorn
+
+    from captioning import server as server_module
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    app_server = uvicorn.Server(uvicorn.Config(server_module.create_app(model, settings), log_level="warning"))
+    thread = threading.Thread(target=app_server.run, kwargs={"sockets": [sock]})
+    thread.start()
+    try:
+        for _ in range(10_000):  # uvicorn's own flag: the lifespan ran and it serves
+            if app_server.started or not thread.is_alive():
+                break
+            thread.join(0.01)
+        assert app_server.started, "the app did not start"
+        yield Server(None, f"http://127.0.0.1:{sock.getsockname()[1]}")
+    finally:
+        model.release.set()
+        app_server.should_exit = True
+        thread.join(TIMEOUT)
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_a_late_request_504():
+    import serve
+
+    settings = serve.parse_args(["--max-batch-size", "1", "--max-queue", "1", "--request-timeout", "30",
+                                 "--max-wait-ms", "0"])
+    model = HeldModel()
+    with app_in_thread(model, settings) as s:
+        answers = {}
+        first = threading.Thread(target=lambda: answers.update(first=s.upload(("a.png", b"a"), key=None)))
+        first.start()
+        assert model.inside.wait(TIMEOUT)  # "a" is being captioned: the model is busy
+        second = threading.Thread(target=lambda: answers.update(second=s.upload(("b.png", b"b"), key=None)))
+        second.start()
+        for _ in range(10_000):  # until "b" waits in the queue, which then is full
+            if re.search(r"caption_queue_depth 1\b", s.request("/metrics", key=None)[1]):
+                break
+        status, body, headers = s.upload(("c.png", b"c"), key=None)
+        assert status == 503 and headers["Retry-After"] == "1" and "1 images are queued already" in body["error"]
+        model.release.set()
+        first.join(TIMEOUT)
+        second.join(TIMEOUT)
+        assert answers["first"][1]["images"][0]["caption"] == "caption of a.png"
+        assert answers["second"][1]["images"][0]["caption"] == "caption of b.png"
+    settings.request_timeout = 1e-9  # a request that cannot be answered in time: 504
+    with app_in_thread(HeldModel(), settings) as s:
+        status, body, _ = s.upload(("d.png", b"d"), key=None)
+        assert status == 504 and "not captioned within --request-timeout" in body["error"]
