@@ -36,6 +36,7 @@ from captioning.errors import DataError
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
 MAX_IMAGES_PER_REQUEST = 64
+DOWNLOAD_THREADS = 16
 PUBLIC_PATHS = ("/health", "/")  # the page is static; what it fetches (/caption) needs the key
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 RETRY_AFTER_S = "1"
@@ -58,17 +59,16 @@ class Captioner:
         self.draft = None if settings.exact_preprocessing else decode.draft_size(processor.image_processor)
         self.settings = settings
 
-    def pixels(self, name, source):
-        """(1, 3, H, W) pixels of an upload's bytes or a URL; DataError names the image."""
-        s = self.settings
-        if isinstance(source, str):
-            image = captioner.load_input(source, s.timeout, int(s.max_download_mb * (1 << 20)), self.draft,
-                                         s.max_image_pixels)
-        else:
-            try:
-                image = decode.open_image(source, draft=self.draft, max_pixels=s.max_image_pixels)
-            except DataError as e:
-                raise DataError(f"{name}: {str(e).removeprefix('image: ')}") from None
+    def download(self, url):
+        """The bytes at an image URL, with infer.py's timeout and size cap; DataError names the URL."""
+        return captioner.fetch(url, self.settings.timeout, int(self.settings.max_download_mb * (1 << 20)))
+
+    def pixels(self, name, data):
+        """(1, 3, H, W) pixels of an image file's bytes; DataError names the image."""
+        try:
+            image = decode.open_image(data, draft=self.draft, max_pixels=self.settings.max_image_pixels)
+        except DataError as e:
+            raise DataError(f"{name}: {str(e).removeprefix('image: ')}") from None
         return captioner.preprocess(self.processor.image_processor, [image])
 
     def run_batch(self, pixels):
@@ -121,6 +121,8 @@ class Service:
         self.metrics = Metrics(self.batcher)
         self.batcher.on_batch = self.metrics.on_batch
         self.pool = ThreadPoolExecutor(settings.preprocessing_threads, thread_name_prefix="read")
+        # Downloads wait on the network, not the CPU: apart, so that a slow URL holds no upload's decoding.
+        self.downloads = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="download")
         self.status = "starting"
 
     async def caption(self, request):
@@ -147,6 +149,9 @@ class Service:
         request (ClientError), any other failure only this image."""
         loop = asyncio.get_running_loop()
         try:
+            if isinstance(source, str):  # a URL
+                source = await asyncio.wait_for(loop.run_in_executor(self.downloads, self.captioner.download, source),
+                                                max(deadline - time.perf_counter(), 0))
             pixels = await asyncio.wait_for(loop.run_in_executor(self.pool, self.captioner.pixels, name, source),
                                             max(deadline - time.perf_counter(), 0))
             future = self.batcher.submit(pixels)
@@ -180,6 +185,7 @@ def create_app(captioner_, settings, on_ready=None):
         service.status = "stopping"
         await asyncio.get_running_loop().run_in_executor(None, service.batcher.stop)  # the queued still finish
         service.pool.shutdown()
+        service.downloads.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="GIT captioning", lifespan=lifespan,
                   description="Captions for images from a fine-tuned GIT model, batched across requests.")
@@ -265,11 +271,13 @@ async def multipart_sources(request, body):
                                                                   max_part_size=len(body) + 1)
     except Exception as e:  # python-multipart's and starlette's parse errors
         raise ClientError(400, f"not a readable multipart body ({e})") from None
-    files = [*form.getlist("image"), *form.getlist("images")]
-    texts = [f for f in files if isinstance(f, str)]
-    if texts:
-        raise ClientError(422, 'the multipart "image" field must be a file upload, not text')
-    return [(f.filename or f"image {k}", await f.read()) for k, f in enumerate(files)]
+    try:
+        files = [*form.getlist("image"), *form.getlist("images")]
+        if any(isinstance(f, str) for f in files):
+            raise ClientError(422, 'the multipart "image" field must be a file upload, not text')
+        return [(f.filename or f"image {k}", await f.read()) for k, f in enumerate(files)]
+    finally:
+        await form.close()  # uploads over 1 MB are spooled to temporary files: removed now, not at collection
 
 
 async def json_sources(body):

@@ -169,6 +169,28 @@ def test_each_bad_input_is_a_4xx_naming_it_and_a_bad_image_leaves_the_others(ser
     assert body["images"][0]["caption"] and body["images"][1]["caption"] is None
 
 
+def test_a_url_that_never_answers_holds_up_no_upload(server, scenes):
+    """Downloads have threads of their own: while one hangs on a silent host, uploads are captioned."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/slow.png"
+    answer = {}
+    waiting = threading.Thread(target=lambda: answer.update(
+        url=server.request("/caption", json.dumps({"url": url}).encode(), "application/json")))
+    waiting.start()
+    conn, _ = silent.accept()  # the server's download is connected and waits for an answer that does not come
+    try:
+        status, body, _ = server.upload(("good.png", open(scenes[0], "rb").read()))
+        assert status == 200 and body["images"][0]["caption"] and "url" not in answer
+    finally:
+        conn.close()  # the download ends: refused as a failed download
+        silent.close()
+    waiting.join(TIMEOUT)
+    status, body, _ = answer["url"]
+    assert status == 422 and f"{url}: download failed" in body["error"]
+
+
 def test_without_the_key_only_health_and_the_page_answer(server):
     for path, method in (("/caption", "POST"), ("/metrics", "GET"), ("/docs", "GET"), ("/openapi.json", "GET")):
         for key in (None, "wrong-key"):
