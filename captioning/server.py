@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from starlette.requests import ClientDisconnect
 
 from captioning import captioner, decode, prometheus
 from captioning.batcher import Batcher, QueueFull, Stopped
@@ -238,11 +239,14 @@ async def read_body(request, limit):
     if declared and declared.isdigit() and int(declared) > limit:
         raise ClientError(413, f"request body of {int(declared):,} bytes is over --max-upload-mb ({limit:,} bytes)")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ClientError(413, f"request body over --max-upload-mb ({limit:,} bytes)")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ClientError(413, f"request body over --max-upload-mb ({limit:,} bytes)")
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody to answer; one line all the same
+        raise ClientError(400, "the client disconnected before its request body was read") from None
     return b"".join(chunks)
 
 
