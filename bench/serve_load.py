@@ -8,7 +8,7 @@ Writes --photos 1280 x 960 JPEG photos (bench/photos.py) once, then measures, on
 (nothing else should run on the machine):
 - infer.py's offline images/s on those photos: (N - 16) / (time for N - time for 16), so that
   loading the model cancels out;
-- serve.py (--max-batch-size 16) at each --clients level: locust users in a closed loop (each sends
+- serve.py (--max-batch-size, 16 by default) at each --clients level: locust users in a closed loop (each sends
   its next request when the last is answered), one photo a request, for --seconds each: requests/s
   and p50/p95/p99 latency; the same at 32 clients with --max-batch-size 1;
 - with --soak S: S seconds at 64 clients, every tenth request a bad one (locustfile.py's kinds):
@@ -40,6 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--label", default=None, help="the name of this model in the results")
     p.add_argument("--photos", type=int, default=200)
     p.add_argument("--clients", default="1,8,32,64")
+    p.add_argument("--max-batch-size", type=int, default=16, help="of the batching server")
     p.add_argument("--seconds", type=int, default=20, help="per level")
     p.add_argument("--soak", type=int, default=0, help="seconds of the soak at 64 clients (0: none)")
     p.add_argument("--work", default="/tmp/serve-load")
@@ -146,10 +147,11 @@ def main():
     os.makedirs(args.work, exist_ok=True)
     photos, model = prepare(args)
     result = {"model": args.label or args.model, "photos": args.photos, "max_length": SERVE_LENGTH,
+              "max_batch_size": args.max_batch_size,
               "date": time.strftime("%Y-%m-%d")}
     result["infer_images_per_second"] = infer_images_per_second(model, photos)
     print(f"infer.py offline: {result['infer_images_per_second']:.2f} images/s", flush=True)
-    server = Server(model, "--max-batch-size", "16")
+    server = Server(model, "--max-batch-size", str(args.max_batch_size))
     result["levels"] = []
     for clients in map(int, args.clients.split(",")):
         level = locust(server.url, photos, clients, args.seconds)
