@@ -7,7 +7,7 @@
 Writes --photos 1280 x 960 JPEG photos (bench/photos.py) once, then measures, one after the other
 (nothing else should run on the machine):
 - infer.py's offline images/s on those photos: (N - 16) / (time for N - time for 16), so that
-  loading the model cancels out;
+  loading the model cancels out (after a warm-up run: a cold first start would inflate it);
 - serve.py (--max-batch-size, 16 by default) at each --clients level: locust users in a closed loop (each sends
   its next request when the last is answered), one photo a request, for --seconds each: requests/s
   and p50/p95/p99 latency; the same at 32 clients with --max-batch-size 1;
@@ -75,6 +75,7 @@ def infer_images_per_second(model, photos):
                        cwd=ROOT)
         return time.perf_counter() - t0
 
+    seconds(files[:16])  # a warm-up: the first run reads torch and the model from a cold disk cache
     few, all_ = seconds(files[:16]), seconds(files)
     return (len(files) - 16) / (all_ - few)
 
