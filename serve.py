@@ -30,7 +30,8 @@ def parse_args(argv=None):
     a("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface; give --api-key then)")
     a("--port", type=cli.non_negative_int, default=8000, help="0: a free port, named in the ready line")
     a("--api-key", default=os.environ.get(API_KEY_ENV),
-      help=f"every endpoint but /health and the page needs 'Authorization: Bearer KEY' (env {API_KEY_ENV})")
+      help=f"every endpoint but /health needs 'Authorization: Bearer KEY', or HTTP Basic with KEY as the password "
+           f"(a browser asks for it on the page) (env {API_KEY_ENV})")
     a("--max-batch-size", type=cli.positive_int, default=16, help="images per generate call at most")
     a("--max-wait-ms", type=cli.non_negative_float, default=10.0,
       help="how long the oldest queued image waits for others to fill its batch")

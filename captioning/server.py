@@ -38,7 +38,8 @@ from captioning.errors import DataError
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
 MAX_IMAGES_PER_REQUEST = 64
 DOWNLOAD_THREADS = 16
-PUBLIC_PATHS = ("/health", "/")  # the page is static; what it fetches (/caption) needs the key
+PUBLIC_PATHS = ("/health",)
+PAGE_PATHS = ("/",)  # a browser cannot send a bearer token on navigation: the page asks with HTTP Basic
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 RETRY_AFTER_S = "1"
 
@@ -195,8 +196,11 @@ def create_app(captioner_, settings, on_ready=None):
     async def authorise_and_count(request, call_next):
         if settings.api_key and request.url.path not in PUBLIC_PATHS and not authorised(request, settings.api_key):
             log(f"401 {request.method} {request.url.path}: no valid API key")
+            # The page's challenge is Basic, so that a browser asks for the key (as the password) and then
+            # sends it with the page's own requests; a program gets the Bearer one.
+            challenge = 'Basic realm="serve.py: the API key as password"' if request.url.path in PAGE_PATHS else "Bearer"
             return error(401, "missing or wrong API key: send the header Authorization: Bearer <key>",
-                         **{"WWW-Authenticate": "Bearer"})
+                         **{"WWW-Authenticate": challenge})
         t0 = time.perf_counter()
         try:
             response = await call_next(request)
@@ -229,8 +233,16 @@ def create_app(captioner_, settings, on_ready=None):
 
 
 def authorised(request, key):
+    """Authorization: Bearer KEY, or Basic with KEY as the password (any user name), compared in constant time."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+    if scheme.lower() == "basic":
+        try:
+            token = base64.b64decode(token.strip(), validate=True).decode().partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+    elif scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(token.strip().encode(), key.encode())
 
 
 async def read_body(request, limit):

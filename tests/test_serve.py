@@ -191,14 +191,22 @@ def test_a_url_that_never_answers_holds_up_no_upload(server, scenes):
     assert status == 422 and f"{url}: download failed" in body["error"]
 
 
-def test_without_the_key_only_health_and_the_page_answer(server):
+def test_without_the_key_only_health_answers(server):
     for path, method in (("/caption", "POST"), ("/metrics", "GET"), ("/docs", "GET"), ("/openapi.json", "GET")):
         for key in (None, "wrong-key"):
             status, body, headers = server.request(path, b"" if method == "POST" else None, key=key, method=method)
             assert status == 401 and "API key" in body["error"] and headers["WWW-Authenticate"] == "Bearer", path
     assert server.request("/health", key=None)[:2] == (200, {"status": "ready"})
-    status, page, _ = server.request("/", key=None)
-    assert status == 200 and 'id="file"' in page and "Copy as alt text" in page and "http" not in page.split("<script>")[1]
+    # the page challenges with Basic, so that a browser asks; the key as the password lets it in
+    status, _, headers = server.request("/", key=None)
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Basic ")
+    basic = {"Authorization": "Basic " + base64.b64encode(f"anyone:{KEY}".encode()).decode()}
+    with urllib.request.urlopen(urllib.request.Request(server.url + "/", headers=basic), timeout=TIMEOUT) as r:
+        page = r.read().decode()
+    assert 'id="file"' in page and "Copy as alt text" in page and "http" not in page.split("<script>")[1]
+    wrong = {"Authorization": "Basic " + base64.b64encode(b"anyone:wrong").decode()}
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        urllib.request.urlopen(urllib.request.Request(server.url + "/", headers=wrong), timeout=TIMEOUT)
     status, docs, _ = server.request("/openapi.json")
     assert status == 200 and "/caption" in docs["paths"]
 
@@ -302,8 +310,9 @@ def browser():
 
 def test_the_page_captions_a_chosen_image_in_a_real_browser(server, scenes, tiny_model_dir, browser, tmp_path):
     expected = infer_captions(tiny_model_dir, scenes[:1])[0]
-    browser.do("POST", "/url", {"url": server.url + "/"})
-    browser.type("#key", KEY)  # this server wants the key: the page sends what is typed here
+    # This server wants the key: given as the Basic password in the address, as a user would type it at the
+    # browser's prompt; the browser then sends it with the page's own request to /caption.
+    browser.do("POST", "/url", {"url": server.url.replace("http://", f"http://user:{KEY}@") + "/"})
     browser.type("#file", scenes[0])
     for _ in range(2_000):  # until the caption (or an error) is on the page
         shown, problem = browser.text("#caption"), browser.text("#error")
