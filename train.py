@@ -194,9 +194,10 @@ def evaluate_and_keep_best(run, state):
     eval_loss, predictions = evaluation.evaluate(run.model, run.processor, run.eval_loader, run.device, run.amp_dtype,
                                       run.args.gen_max_length, run.world, run.args.eval_num_beams)
     scores = measures.evaluation_scores(predictions, run.eval_captions)
+    seconds = time.time() - t0  # eval/seconds: generation and our scores, not the COCO table's Java programs
     if run.args.coco_eval and run.rank == 0:  # its Java programs run once, not once a rank
         scores.update(coco_eval.coco_table(predictions, run.eval_captions, note=say_once))
-    show_evaluation(run, state.step, eval_loss, scores, predictions, time.time() - t0)
+    show_evaluation(run, state.step, eval_loss, scores, predictions, seconds)
     state.history.append({"step": state.step, "eval_loss": eval_loss, **scores})
     metric, value, best = run.args.metric_for_best, state.history[-1][run.args.metric_for_best], state.best
     sign = 1 if metric in flags.LOWER_IS_BETTER else -1
